@@ -1,0 +1,1 @@
+"""Triton kernels. Imports torch and triton only; Triton is found lazily and is optional."""

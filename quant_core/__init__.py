@@ -1,0 +1,41 @@
+"""quant_core: everything that decides and computes. Pure PyTorch; never imports ComfyUI.
+
+Public API::
+
+    from comfyui_quantizer.quant_core import QuantConfig, SafetensorsSource, quantize_model
+
+    with SafetensorsSource("model.safetensors") as src:
+        config = QuantConfig(kind="int8", scaling="row")
+        report = quantize_model(src, config, "model_int8.safetensors")
+    print(report.table())
+"""
+
+from .config import QuantConfig
+from .errors import Cancelled, ConfigError, InputError, OutputError, QuantError
+from .formats import Format, Kind, Scaling
+from .pipeline import Progress, dry_run, plan_model, quantize_model
+from .plan import Plan
+from .report import LayerReport, Report
+from .source import SafetensorsSource, Source, TensorInfo
+
+__all__ = [
+    "Cancelled",
+    "ConfigError",
+    "Format",
+    "InputError",
+    "Kind",
+    "LayerReport",
+    "OutputError",
+    "Plan",
+    "Progress",
+    "QuantConfig",
+    "QuantError",
+    "Report",
+    "SafetensorsSource",
+    "Scaling",
+    "Source",
+    "TensorInfo",
+    "dry_run",
+    "plan_model",
+    "quantize_model",
+]

@@ -1,0 +1,309 @@
+"""Quantization formats as plain PyTorch: scales, codes, dequantization.
+
+This module is the specification. The Triton kernels and the learned-rounding code are tested
+against it, so every function here is exact and deterministic on CPU.
+
+Conventions (weights are 2-D ``[out, in]``):
+
+=========================  ===========  =====================================  ===============
+format (``comfy_quant``)   codes        ``weight_scale`` (F32, dequant factor)  stock ComfyUI
+=========================  ===========  =====================================  ===============
+``float8_e4m3fn``          F8_E4M3      ``[]``        = amax / 448              loads
+``int8_tensorwise``        I8 (±127)    ``[]`` or ``[out, 1]`` = amax / 127     loads
+``float8_e4m3fn_rowwise``  F8_E4M3      ``[out, 1]``                           needs the pack
+``float8_e4m3fn_blockwise`` F8_E4M3     ``[ceil(out/B), ceil(in/B)]``          needs the pack
+``int8_blockwise``         I8 (±127)    ``[ceil(out/B), ceil(in/B)]``          needs the pack
+=========================  ===========  =====================================  ===============
+
+Rounding is round-half-to-even on the target grid with saturation. A shape that is not a
+multiple of the block size gets a padded scale grid: the last row/column of blocks simply covers
+fewer elements. A group whose values are all zero gets scale 1.0 (any positive scale is exact).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+FP8_E4M3_MAX = 448.0
+INT8_MAX = 127.0
+
+# Rows are processed in chunks of about this many elements so that the float32 temporaries stay
+# in cache; the result is identical to whole-tensor math because every step is elementwise.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+class NonFiniteWeightError(ValueError):
+    """The tensor holds NaN or Inf; the caller adds the file and layer name."""
+
+
+class Scaling(str, enum.Enum):
+    """Scale granularity of a weight ``[out, in]``.
+
+    - ``TENSOR``: one scale, shape ``[]``
+    - ``ROW``: one scale per output row, shape ``[out, 1]``
+    - ``BLOCK``: one scale per ``B x B`` tile, shape ``[ceil(out/B), ceil(in/B)]``
+    """
+
+    TENSOR = "tensor"
+    ROW = "row"
+    BLOCK = "block"
+
+
+class Kind(str, enum.Enum):
+    """Number format of the codes."""
+
+    FP8 = "fp8"
+    INT8 = "int8"
+
+
+@dataclass(frozen=True)
+class Format:
+    """One on-disk quantization format: code type, scale granularity and, for blocks, B."""
+
+    kind: Kind
+    scaling: Scaling
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind(self.kind))
+        object.__setattr__(self, "scaling", Scaling(self.scaling))
+        if self.scaling is Scaling.BLOCK:
+            if not isinstance(self.block_size, int) or self.block_size < 1:
+                raise ValueError(
+                    f"block scaling needs a positive integer block size, got {self.block_size!r}"
+                )
+        elif self.block_size is not None:
+            object.__setattr__(self, "block_size", None)
+
+    @property
+    def name(self) -> str:
+        """The ``format`` value written into ``.comfy_quant``."""
+        if self.kind is Kind.FP8:
+            return {
+                Scaling.TENSOR: "float8_e4m3fn",
+                Scaling.ROW: "float8_e4m3fn_rowwise",
+                Scaling.BLOCK: "float8_e4m3fn_blockwise",
+            }[self.scaling]
+        return "int8_blockwise" if self.scaling is Scaling.BLOCK else "int8_tensorwise"
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. ``int8/row`` or ``fp8/block128``."""
+        suffix = f"block{self.block_size}" if self.scaling is Scaling.BLOCK else self.scaling.value
+        return f"{self.kind.value}/{suffix}"
+
+    @property
+    def stock_loadable(self) -> bool:
+        """Whether an unmodified ComfyUI loads this format (else the pack must be installed)."""
+        if self.kind is Kind.FP8:
+            return self.scaling is Scaling.TENSOR
+        return self.scaling in (Scaling.TENSOR, Scaling.ROW)
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.kind is Kind.FP8 else torch.int8
+
+    @property
+    def qmax(self) -> float:
+        return FP8_E4M3_MAX if self.kind is Kind.FP8 else INT8_MAX
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of ``weight_scale`` for a weight of ``shape`` ``[out, in]``."""
+        out_features, in_features = shape
+        if self.scaling is Scaling.TENSOR:
+            return ()
+        if self.scaling is Scaling.ROW:
+            return (out_features, 1)
+        b = self.block_size
+        assert b is not None
+        return (math.ceil(out_features / b), math.ceil(in_features / b))
+
+    def comfy_quant(self) -> dict[str, object]:
+        """The per-layer JSON stored in ``<layer>.comfy_quant``."""
+        conf: dict[str, object] = {"format": self.name}
+        if self.scaling is Scaling.BLOCK:
+            conf["group_size"] = self.block_size
+        return conf
+
+
+def _row_chunks(rows: int, cols: int, align: int = 1) -> Iterator[slice]:
+    """Row slices of about ``_CHUNK_ELEMENTS`` elements, each a multiple of ``align`` rows."""
+    step = max(align, (_CHUNK_ELEMENTS // max(cols, 1)) // align * align)
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def _check_2d(w: torch.Tensor) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+
+
+def absmax(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Largest magnitude per scale group, float32, in the shape of ``fmt.scale_shape``.
+
+    NaN and Inf propagate (the caller checks), so the result is exact for any input dtype.
+    """
+    _check_2d(w)
+    if fmt.scaling is Scaling.TENSOR:
+        lo, hi = torch.aminmax(w)
+        return torch.maximum(lo.abs(), hi.abs()).float()
+    if fmt.scaling is Scaling.ROW:
+        lo, hi = torch.aminmax(w, dim=1, keepdim=True)
+        return torch.maximum(lo.abs(), hi.abs()).float()
+    b = fmt.block_size
+    assert b is not None
+    rows, cols = w.shape
+    gr, gc = fmt.scale_shape((rows, cols))
+    out = torch.empty(gr, gc, dtype=torch.float32, device=w.device)
+    for rs in _row_chunks(rows, cols, align=b):
+        chunk = w[rs]
+        pad_r = -chunk.shape[0] % b
+        pad_c = -cols % b
+        if pad_r or pad_c:
+            chunk = torch.nn.functional.pad(chunk, (0, pad_c, 0, pad_r))
+        tiles = chunk.abs().view(chunk.shape[0] // b, b, gc, b)
+        out[rs.start // b : rs.start // b + tiles.shape[0]] = tiles.amax(dim=(1, 3)).float()
+    return out
+
+
+def scale_from_absmax(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``amax / qmax`` as float32; all-zero groups get 1.0; never zero or subnormal."""
+    if not bool(torch.isfinite(amax).all()):
+        raise NonFiniteWeightError("weight contains NaN or Inf")
+    scale = torch.where(
+        amax > 0, amax.float() / fmt.qmax, torch.ones_like(amax, dtype=torch.float32)
+    )
+    return scale.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def compute_scale(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Absmax scale of ``w`` ``[out, in]`` for ``fmt``: shape ``fmt.scale_shape(w.shape)``, F32."""
+    return scale_from_absmax(absmax(w, fmt), fmt)
+
+
+def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], fmt: Format) -> torch.Tensor:
+    """Scale broadcastable to ``shape`` ``[out, in]`` (blocks are repeated and cropped)."""
+    if fmt.scaling is not Scaling.BLOCK:
+        return scale
+    b = fmt.block_size
+    assert b is not None
+    rows, cols = shape
+    full = scale.repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)
+    return full[:rows, :cols]
+
+
+def round_to_fp8_e4m3_grid(x: torch.Tensor) -> torch.Tensor:
+    """Float32 -> float32 on the E4M3 grid, round-half-to-even, saturating at ±448.
+
+    Same result as ``x.clamp(-448, 448).to(torch.float8_e4m3fn)``, written with float32
+    arithmetic only so that a kernel (and Triton's interpreter, whose FP8 cast does not round
+    to nearest-even) can round first and then cast exactly.
+    """
+    x = x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    _, exponent = torch.frexp(x)  # x = m * 2**exponent with 0.5 <= |m| < 1
+    # 3 mantissa bits: the spacing in [2**(e-1), 2**e) is 2**(e-4); subnormals (< 2**-6) 2**-9.
+    step = torch.ldexp(torch.ones_like(x), (exponent - 4).clamp_min(-9))
+    return torch.round(x / step) * step
+
+
+def round_to_int8_grid(x: torch.Tensor) -> torch.Tensor:
+    """Float32 -> float32 integers in [-127, 127], round-half-to-even."""
+    return torch.round(x).clamp(-INT8_MAX, INT8_MAX)
+
+
+def round_to_grid(x: torch.Tensor, kind: Kind) -> torch.Tensor:
+    """Round scaled values (``w / scale``, float32) onto the code grid of ``kind``."""
+    return round_to_fp8_e4m3_grid(x) if kind is Kind.FP8 else round_to_int8_grid(x)
+
+
+def _encode(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Scaled float32 values -> codes (the cast is exact after rounding on the grid)."""
+    if fmt.kind is Kind.FP8:
+        # torch's float32 -> e4m3fn cast is round-half-to-even; clamp first because values
+        # above 448 would become NaN (e4m3fn has no infinity).
+        return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return round_to_int8_grid(x).to(torch.int8)
+
+
+def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Codes of ``w`` ``[out, in]`` for a given scale: ``round(w / scale)`` on the grid."""
+    _check_2d(w)
+    rows, cols = w.shape
+    codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=w.device)
+    align = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
+    for rs in _row_chunks(rows, cols, align=align or 1):
+        s = _scale_rows(scale, rs, (rows, cols), fmt)
+        codes[rs] = _encode(w[rs].float() / s, fmt)
+    return codes
+
+
+def quantize(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest quantization: ``[out, in]`` -> codes ``[out, in]``, scale (F32)."""
+    scale = compute_scale(w, fmt)
+    return quantize_with_scale(w, scale, fmt), scale
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, fmt: Format, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Codes and scale -> ``codes * scale`` in float32, then cast to ``dtype``."""
+    full = expand_scale(scale.float(), tuple(codes.shape), fmt)
+    return (codes.float() * full).to(dtype)
+
+
+def _scale_rows(
+    scale: torch.Tensor, rs: slice, shape: tuple[int, int], fmt: Format
+) -> torch.Tensor:
+    """The part of the (expanded) scale that covers rows ``rs``."""
+    if fmt.scaling is Scaling.TENSOR:
+        return scale
+    if fmt.scaling is Scaling.ROW:
+        return scale[rs]
+    b = fmt.block_size
+    assert b is not None
+    block_rows = scale[rs.start // b : math.ceil(rs.stop / b)]
+    sub = expand_scale(block_rows, (block_rows.shape[0] * b, shape[1]), fmt)
+    return sub[: rs.stop - rs.start]
+
+
+@dataclass(frozen=True)
+class ErrorEnergy:
+    """Sums over a tensor, in float64: signal ``Σw²`` and error ``Σ(w - ŵ)²``."""
+
+    signal: float
+    error: float
+
+    @property
+    def sqnr_db(self) -> float:
+        """``10·log10(Σw² / Σ(w-ŵ)²)``; +inf for an exact result, -inf for a zero signal."""
+        return sqnr_db(self.signal, self.error)
+
+
+def sqnr_db(signal: float, error: float) -> float:
+    """Signal-to-quantization-noise ratio in dB from energies (sums of squares)."""
+    if error <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / error)
+
+
+def error_energy(
+    w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fmt: Format
+) -> ErrorEnergy:
+    """Signal and quantization-error energy of ``codes * scale`` against ``w`` (float64 sums)."""
+    rows, cols = w.shape
+    signal = torch.zeros((), dtype=torch.float64, device=w.device)
+    error = torch.zeros((), dtype=torch.float64, device=w.device)
+    align = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
+    for rs in _row_chunks(rows, cols, align=align or 1):
+        x = w[rs].float()
+        diff = x - codes[rs].float() * _scale_rows(scale, rs, (rows, cols), fmt)
+        signal += torch.sum(x * x, dtype=torch.float64)
+        error += torch.sum(diff * diff, dtype=torch.float64)
+    return ErrorEnergy(float(signal), float(error))

@@ -1,0 +1,138 @@
+"""The one public entry point: source + config -> quantized file + report.
+
+``quantize_model`` builds the plan, opens the streaming writer, and then handles one plan entry
+at a time: read its tensors, quantize or copy them, write them, report progress, check for
+cancel. Only one entry's tensors are alive at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import comfy_quant, formats
+from .config import OUTPUT_DTYPES, QuantConfig
+from .errors import Cancelled, InputError, at
+from .plan import Action, Plan, PlanEntry, build_plan
+from .report import LayerReport, Report
+from .source import Source
+from .writer import StreamingWriter
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a conversion stands; ``layer`` is the report of the entry that just finished."""
+
+    done: int
+    total: int
+    bytes_done: int
+    bytes_total: int
+    current: str
+    layer: LayerReport | None = None
+
+
+ProgressFn = Callable[[Progress], None]
+CancelFn = Callable[[], bool]
+
+
+def plan_model(source: Source, config: QuantConfig) -> Plan:
+    """The plan ``quantize_model`` would execute; reads only the header."""
+    return build_plan(source, config)
+
+
+def dry_run(source: Source, config: QuantConfig, output: Path | None = None) -> Report:
+    """Report of the plan alone: decisions, sizes and loadability, with no tensor read."""
+    return Report.from_plan(plan_model(source, config), output, dry_run=True)
+
+
+def quantize_model(
+    source: Source,
+    config: QuantConfig,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> Report:
+    """Convert ``source`` under ``config`` into the safetensors file ``output``.
+
+    The file appears only when complete (written to a temporary file, then renamed). Raises a
+    :class:`~.errors.QuantError` subclass on bad input, bad options or a cancel; in every such
+    case no output or temporary file is left behind.
+    """
+    output = Path(output)
+    plan = plan_model(source, config)
+    report = Report.from_plan(plan, output)
+    device = torch.device(config.device)
+    total_bytes = plan.bytes_before
+    started = time.perf_counter()
+    bytes_done = 0
+    with StreamingWriter(
+        output, plan.outputs, plan.metadata, overwrite=overwrite, input_path=source.path
+    ) as writer:
+        for i, (entry, layer_report) in enumerate(zip(plan.entries, report.layers, strict=True)):
+            if cancel is not None and cancel():
+                raise Cancelled(f"{source.name}: cancelled; no output written")
+            t0 = time.perf_counter()
+            for name, tensor in _run_entry(source, entry, config, device, layer_report).items():
+                writer.write(name, tensor)
+            layer_report.time_s = time.perf_counter() - t0
+            bytes_done += entry.bytes_before
+            if progress is not None:
+                progress(
+                    Progress(
+                        i + 1, len(plan.entries), bytes_done, total_bytes, entry.layer, layer_report
+                    )
+                )
+        if cancel is not None and cancel():
+            raise Cancelled(f"{source.name}: cancelled; no output written")
+        writer.commit()
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+def _run_entry(
+    source: Source, entry: PlanEntry, config: QuantConfig, device: torch.device, rep: LayerReport
+) -> dict[str, torch.Tensor]:
+    """The output tensors of one plan entry (updates ``rep`` with what it measured)."""
+    if entry.action is Action.DROP:
+        return {}
+    if entry.action is Action.KEEP:
+        out = entry.outputs[0]
+        tensor = source.read(entry.key)
+        if out.dtype != entry.inputs[0].dtype:
+            tensor = tensor.to(OUTPUT_DTYPES[config.output_dtype])  # type: ignore[index]
+        return {out.name: tensor}
+    if entry.action is Action.UPGRADE_LEGACY:
+        return _upgrade_legacy(source, entry)
+    return _quantize_entry(source, entry, device, rep)
+
+
+def _quantize_entry(
+    source: Source, entry: PlanEntry, device: torch.device, rep: LayerReport
+) -> dict[str, torch.Tensor]:
+    fmt = entry.fmt
+    assert fmt is not None and entry.settings is not None
+    weight = source.read(entry.key).to(device)
+    try:
+        codes, scale = formats.quantize(weight, fmt)
+    except formats.NonFiniteWeightError:
+        raise InputError(f"{at(source.name, entry.layer)}: weight contains NaN or Inf") from None
+    rep.weight_sqnr_db = formats.error_energy(weight, codes, scale, fmt).sqnr_db
+    return comfy_quant.layer_tensors(entry.layer, codes, scale, entry.settings)
+
+
+def _upgrade_legacy(source: Source, entry: PlanEntry) -> dict[str, torch.Tensor]:
+    """Rewrite one legacy scaled_fp8 layer: same codes, scales renamed (lossless)."""
+    assert entry.settings is not None
+    weight = source.read(entry.inputs[0].name)
+    scale = source.read(entry.inputs[1].name).float().reshape(())
+    wants_input = any(t.name.endswith(comfy_quant.INPUT_SCALE_SUFFIX) for t in entry.outputs)
+    input_scale = source.read(entry.inputs[2].name).float() if wants_input else None
+    return comfy_quant.layer_tensors(
+        entry.layer, weight, scale, entry.settings, input_scale=input_scale
+    )

@@ -1,0 +1,229 @@
+"""The plan: for every source tensor what is written, in which dtype and shape, and why.
+
+A plan is built from the header alone (no tensor data) and is frozen; the writer lays out the
+output file from it before any math runs, and ``--dry-run`` prints it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from . import comfy_quant, dtypes
+from .config import OUTPUT_DTYPES, QuantConfig
+from .errors import InputError
+from .formats import Format, Kind, Scaling
+from .rules import Decision, decide
+from .source import Source, TensorInfo, describe_existing_quantization, legacy_scaled_fp8_prefix
+
+PACK_VERSION = "0.1.0"
+
+
+class Action(str, enum.Enum):
+    QUANTIZE = "quantize"
+    KEEP = "keep"
+    DROP = "drop"
+    UPGRADE_LEGACY = "upgrade-legacy"
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One step: the source tensors it reads and the output tensors it writes."""
+
+    key: str
+    action: Action
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    fmt: Format | None = None
+    settings: Mapping[str, object] | None = None
+    rounding: str = "nearest"
+    reason: str = ""
+
+    @property
+    def layer(self) -> str:
+        """Layer name for weights (``x.weight`` -> ``x``), else the tensor key."""
+        if self.key.endswith(comfy_quant.WEIGHT_SUFFIX):
+            return comfy_quant.layer_name(self.key)
+        return self.key
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(t.nbytes for t in self.inputs)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every decision of a conversion, known before any tensor is read."""
+
+    source_name: str
+    entries: tuple[PlanEntry, ...]
+    metadata: Mapping[str, str]
+    architecture: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return [t for e in self.entries for t in e.outputs]
+
+    @property
+    def quantized_layers(self) -> dict[str, Mapping[str, object]]:
+        return {e.layer: e.settings for e in self.entries if e.settings is not None}
+
+    @property
+    def formats(self) -> list[Format]:
+        seen: dict[str, Format] = {}
+        for e in self.entries:
+            if e.fmt is not None:
+                seen.setdefault(e.fmt.label, e.fmt)
+        return list(seen.values())
+
+    @property
+    def pack_only_formats(self) -> list[str]:
+        """Format names in this plan that stock ComfyUI cannot load."""
+        return sorted({f.name for f in self.formats if not f.stock_loadable})
+
+    @property
+    def stock_loadable(self) -> bool:
+        return not self.pack_only_formats
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(e.bytes_before for e in self.entries)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(e.bytes_after for e in self.entries)
+
+
+DecideFn = Callable[[TensorInfo, QuantConfig], Decision]
+
+
+def build_plan(source: Source, config: QuantConfig, *, decide_fn: DecideFn = decide) -> Plan:
+    """Decide every tensor of ``source`` under ``config``; raises before any data is read."""
+    existing = describe_existing_quantization(source)
+    legacy_prefix = legacy_scaled_fp8_prefix(source)
+    if existing is not None and not (config.upgrade_legacy and legacy_prefix is not None):
+        hint = (
+            " Pass --upgrade-legacy to rewrite it losslessly in the comfy_quant layout."
+            if legacy_prefix is not None
+            else " Quantize the original full-precision model instead."
+        )
+        raise InputError(f"{source.name}: already quantized: {existing}.{hint}")
+
+    infos = source.tensors()
+    if not infos:
+        raise InputError(f"{source.name}: the file holds no tensors")
+    if legacy_prefix is not None:
+        entries = _legacy_entries(source, legacy_prefix)
+        notes: tuple[str, ...] = ("legacy scaled_fp8 layers rewritten without requantizing",)
+    else:
+        entries = [_entry(info, decide_fn(info, config), config) for info in infos.values()]
+        notes = ()
+    plan_entries = tuple(entries)
+    quantized = {e.layer: e.settings for e in plan_entries if e.settings is not None}
+    metadata = dict(source.metadata)
+    metadata[comfy_quant.QUANT_METADATA_KEY] = comfy_quant.header_metadata(quantized)
+    plan = Plan(source.name, plan_entries, metadata, notes=notes)
+    metadata[comfy_quant.PACK_METADATA_KEY] = json.dumps(
+        {
+            "version": PACK_VERSION,
+            "formats": sorted({str(s["format"]) for s in quantized.values()}),
+            "requires_pack": not plan.stock_loadable,
+        },
+        separators=(",", ":"),
+    )
+    return plan
+
+
+def _entry(info: TensorInfo, decision: Decision, config: QuantConfig) -> PlanEntry:
+    if decision.fmt is None:
+        out_dtype = info.dtype
+        if config.output_dtype is not None and info.dtype in dtypes.FLOAT_DTYPES:
+            out_dtype = dtypes.to_safetensors(OUTPUT_DTYPES[config.output_dtype])
+        return PlanEntry(
+            key=info.name,
+            action=Action.KEEP,
+            inputs=(info,),
+            outputs=(TensorInfo(info.name, out_dtype, info.shape),),
+            reason=decision.reason,
+        )
+    layer = comfy_quant.layer_name(info.name)
+    settings = comfy_quant.settings_for(decision.fmt)
+    specs = comfy_quant.output_specs(layer, info.shape, decision.fmt, settings)
+    return PlanEntry(
+        key=info.name,
+        action=Action.QUANTIZE,
+        inputs=(info,),
+        outputs=tuple(TensorInfo(*spec) for spec in specs),
+        fmt=decision.fmt,
+        settings=settings,
+        rounding=decision.rounding,
+        reason=decision.reason,
+    )
+
+
+def _legacy_entries(source: Source, prefix: str) -> list[PlanEntry]:
+    """Entries that rewrite a legacy ``scaled_fp8`` checkpoint in the comfy_quant layout."""
+    infos = source.tensors()
+    marker = infos[prefix + "scaled_fp8"]
+    fp_matmul = marker.numel == 2  # ComfyUI's convention for "full precision matmul"
+    consumed = {marker.name}
+    entries: list[PlanEntry] = []
+    for key, info in infos.items():
+        if not (key.endswith(".scale_weight") and key.startswith(prefix)):
+            continue
+        layer = key[: -len(".scale_weight")]
+        weight = infos.get(layer + ".weight")
+        if weight is None or weight.dtype not in ("F8_E4M3", "F8_E5M2"):
+            raise InputError(f"{source.name}: {layer}: scale_weight without an FP8 weight")
+        if info.numel != 1:
+            raise InputError(f"{source.name}: {layer}: legacy scale_weight must hold one value")
+        settings: dict[str, object] = {
+            "format": "float8_e4m3fn" if weight.dtype == "F8_E4M3" else "float8_e5m2"
+        }
+        if fp_matmul:
+            settings["full_precision_matrix_mult"] = True
+        inputs = [weight, info]
+        input_scale = infos.get(layer + ".scale_input")
+        # ComfyUI drops an input scale of exactly 1.0 (it means "not calibrated").
+        with_input = input_scale is not None and _scalar(source, input_scale.name) != 1.0
+        if input_scale is not None:
+            inputs.append(input_scale)
+        specs = comfy_quant.output_specs(
+            layer,
+            weight.shape,
+            Format(Kind.FP8, Scaling.TENSOR),
+            settings,
+            with_input_scale=with_input,
+        )
+        outputs = [TensorInfo(*s) for s in specs]
+        outputs[0] = TensorInfo(outputs[0].name, weight.dtype, weight.shape)
+        consumed.update(t.name for t in inputs)
+        entries.append(
+            PlanEntry(
+                key=weight.name,
+                action=Action.UPGRADE_LEGACY,
+                inputs=tuple(inputs),
+                outputs=tuple(outputs),
+                settings=settings,
+                reason="legacy scaled_fp8 layer, codes kept as they are",
+            )
+        )
+    for key, info in infos.items():
+        if key in consumed:
+            continue
+        if key == marker.name:
+            continue
+        entries.append(PlanEntry(key, Action.KEEP, (info,), (info,), reason="not quantized"))
+    entries.append(PlanEntry(marker.name, Action.DROP, (marker,), (), reason="legacy marker"))
+    return entries
+
+
+def _scalar(source: Source, key: str) -> float:
+    return float(source.read(key).float().reshape(-1)[0])
