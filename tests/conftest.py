@@ -1,0 +1,52 @@
+"""Shared test helpers: tiny safetensors files written by the safetensors library itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+@pytest.fixture
+def write_model(tmp_path: Path) -> Callable[..., Path]:
+    """``write_model(tensors, name="model.safetensors", metadata=None) -> path``."""
+
+    def _write(
+        tensors: dict[str, torch.Tensor],
+        name: str = "model.safetensors",
+        metadata: dict[str, str] | None = None,
+    ) -> Path:
+        path = tmp_path / name
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        return path
+
+    return _write
+
+
+def tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A small model with the usual tensor kinds: linears, biases, norms, an embedding."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
+
+    return {
+        "embed_tokens.weight": randn(100, 64),
+        "blocks.0.norm1.weight": torch.ones(64, dtype=dtype),
+        "blocks.0.attn.qkv.weight": randn(192, 64),
+        "blocks.0.attn.qkv.bias": randn(192),
+        "blocks.0.attn.proj.weight": randn(64, 64),
+        "blocks.0.mlp.fc1.weight": randn(256, 64),
+        "blocks.0.mlp.fc2.weight": randn(64, 256),
+        "blocks.0.mlp.fc2.bias": randn(64),
+        "head.weight": randn(48, 64),
+        "step": torch.tensor([7], dtype=torch.int64),
+    }
+
+
+@pytest.fixture
+def tiny_model(write_model: Callable[..., Path]) -> Path:
+    return write_model(tiny_transformer(), metadata={"modelspec.title": "tiny", "note": "ünïcode"})
