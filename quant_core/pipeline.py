@@ -7,6 +7,7 @@ cancel. Only one entry's tensors are alive at a time.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,13 +15,17 @@ from pathlib import Path
 
 import torch
 
-from . import comfy_quant, formats
+from . import comfy_quant, dtypes, error_feedback, formats
+from .calibration import CalibrationFile
 from .config import OUTPUT_DTYPES, QuantConfig
 from .errors import Cancelled, InputError, at
 from .plan import Action, Plan, PlanEntry, build_plan
+from .quantizer import quantize_layer
 from .report import LayerReport, Report
 from .source import Source
 from .writer import StreamingWriter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,9 @@ def quantize_model(
     total_bytes = plan.bytes_before
     started = time.perf_counter()
     bytes_done = 0
+    # --- learned rounding (issue 4) ---
+    learned = _LearnedContext.open(config, device)
+    # --- end learned rounding ---
     with StreamingWriter(
         output, plan.outputs, plan.metadata, overwrite=overwrite, input_path=source.path
     ) as writer:
@@ -78,7 +86,8 @@ def quantize_model(
             if cancel is not None and cancel():
                 raise Cancelled(f"{source.name}: cancelled; no output written")
             t0 = time.perf_counter()
-            for name, tensor in _run_entry(source, entry, config, device, layer_report).items():
+            outputs = _run_entry(source, entry, config, device, layer_report, learned)
+            for name, tensor in outputs.items():
                 writer.write(name, tensor)
             layer_report.time_s = time.perf_counter() - t0
             bytes_done += entry.bytes_before
@@ -91,12 +100,20 @@ def quantize_model(
         if cancel is not None and cancel():
             raise Cancelled(f"{source.name}: cancelled; no output written")
         writer.commit()
+    # --- learned rounding (issue 4) ---
+    report.notes.extend(learned.notes(report))
+    # --- end learned rounding ---
     report.elapsed_s = time.perf_counter() - started
     return report
 
 
 def _run_entry(
-    source: Source, entry: PlanEntry, config: QuantConfig, device: torch.device, rep: LayerReport
+    source: Source,
+    entry: PlanEntry,
+    config: QuantConfig,
+    device: torch.device,
+    rep: LayerReport,
+    learned: _LearnedContext | None = None,
 ) -> dict[str, torch.Tensor]:
     """The output tensors of one plan entry (updates ``rep`` with what it measured)."""
     if entry.action is Action.DROP:
@@ -109,6 +126,10 @@ def _run_entry(
         return {out.name: tensor}
     if entry.action is Action.UPGRADE_LEGACY:
         return _upgrade_legacy(source, entry)
+    # --- learned rounding (issue 4) ---
+    if learned is not None and (entry.rounding == "learned" or entry.calibration is not None):
+        return learned.quantize(source, entry, rep)
+    # --- end learned rounding ---
     return _quantize_entry(source, entry, device, rep)
 
 
@@ -136,3 +157,105 @@ def _upgrade_legacy(source: Source, entry: PlanEntry) -> dict[str, torch.Tensor]
     return comfy_quant.layer_tensors(
         entry.layer, weight, scale, entry.settings, input_scale=input_scale
     )
+
+
+# --- learned rounding (issue 4) ----------------------------------------------------------------
+class _LearnedContext:
+    """What learned rounding needs across entries: the calibration file, the kernel choice."""
+
+    def __init__(self, config: QuantConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.calibration = CalibrationFile(config.calibration) if config.calibration else None
+        self.use_triton, reason = error_feedback.triton_status(device)
+        self.fallbacks: list[str] = []
+        if not self.use_triton and device.type == "cuda":
+            self._fallback(f"error feedback runs in PyTorch, not Triton: {reason}")
+
+    @classmethod
+    def open(cls, config: QuantConfig, device: torch.device) -> _LearnedContext | None:
+        if config.rounding != "learned" and config.calibration is None:
+            return None
+        return cls(config, device)
+
+    def _fallback(self, message: str) -> None:
+        if message not in self.fallbacks:
+            log.warning("%s", message)
+            self.fallbacks.append(message)
+
+    def quantize(
+        self, source: Source, entry: PlanEntry, rep: LayerReport
+    ) -> dict[str, torch.Tensor]:
+        fmt = entry.fmt
+        assert fmt is not None and entry.settings is not None
+        weight = source.read(entry.key).to(self.device)
+        stats = None
+        if self.calibration is not None and entry.calibration is not None:
+            stats = self.calibration.get(entry.calibration)
+            if stats is not None and stats.in_features != weight.shape[1]:
+                raise InputError(
+                    f"{at(source.name, entry.layer)}: calibration {entry.calibration} has "
+                    f"{stats.in_features} input features, the weight {weight.shape[1]}"
+                )
+        bias_in = [t for t in entry.inputs[1:] if t.name.endswith(comfy_quant.BIAS_SUFFIX)]
+        bias = source.read(bias_in[0].name).to(self.device) if bias_in else None
+        try:
+            result = quantize_layer(
+                weight,
+                fmt,
+                rounding=entry.rounding,
+                stats=stats,
+                bias=bias,
+                options=self.config.learned,
+                seed=self.config.seed,
+                use_triton=self.use_triton,
+            )
+        except formats.NonFiniteWeightError:
+            raise InputError(
+                f"{at(source.name, entry.layer)}: weight contains NaN or Inf"
+            ) from None
+        if "learned_skipped" in result.extra:
+            self._fallback(
+                f"round-to-nearest where learned was asked: {result.extra['learned_skipped']}"
+            )
+        rep.weight_sqnr_db = result.weight_sqnr_db
+        rep.output_sqnr_db = result.output_sqnr_db
+        rep.extra.update(result.extra)
+        wanted = {t.name: t for t in entry.outputs}
+        input_scale = None
+        if entry.layer + comfy_quant.INPUT_SCALE_SUFFIX in wanted:
+            input_scale = result.input_scale if result.input_scale is not None else torch.ones(())
+        out = comfy_quant.layer_tensors(
+            entry.layer, result.codes, result.scale, entry.settings, input_scale=input_scale
+        )
+        if bias_in:
+            target = wanted[bias_in[0].name]
+            value = result.bias if result.bias is not None else bias
+            assert value is not None
+            out[target.name] = value.to(dtypes.to_torch(target.dtype))
+        return out
+
+    def notes(self, report: Report) -> list[str]:
+        learned = [r for r in report.quantized if "kept" in r.extra]
+        lines = list(self.fallbacks)
+        if learned:
+            kept_rtn = [r.name for r in learned if r.extra["kept"] == "nearest"]
+            gains = [
+                r.output_sqnr_db - r.extra["rtn_output_sqnr_db"]
+                for r in learned
+                if r.output_sqnr_db is not None and "rtn_output_sqnr_db" in r.extra
+            ]
+            line = f"learned rounding: {len(learned) - len(kept_rtn)} of {len(learned)} layers"
+            if gains:
+                line += f", output SQNR {sum(gains) / len(gains):+.2f} dB mean vs round-to-nearest"
+            if kept_rtn:
+                line += (
+                    f"; the guard kept round-to-nearest for {len(kept_rtn)}: "
+                    + ", ".join(kept_rtn[:5])
+                    + (" ..." if len(kept_rtn) > 5 else "")
+                )
+            lines.append(line)
+        return lines
+
+
+# --- end learned rounding ----------------------------------------------------------------------
