@@ -1,12 +1,12 @@
 """Triton kernel: the sequential part of GPTQ-style error feedback inside one column block.
 
-Reference: ``quant_core.error_feedback._block_reference`` (same signature, same function).
-For each column ``j`` of a block ``w [L, out, B]``: scaled value ``x = w_j / s_j``, code
-``q = round_to_grid(x)``, error ``e = (w_j − q·s_j) / U_jj``, then every later column of the
-block takes ``w_k −= e · U_jk``. Rows are independent, so each program owns ``BLOCK_R`` rows
-of one layer and walks the ``B`` columns in registers: the block is read once and the codes,
-pre-rounding values and errors written once (``4·out·B`` floats of traffic per block); the
-sequential steps cost no launch and no global-memory round trip.
+Reference: ``quant_core.error_feedback._block_reference`` (same arguments, same function).
+For each column ``k`` of a block: scaled value ``x = t_k / s_k`` of the target ``t`` (the
+weight plus the feedback received so far), code ``q = round_to_grid(x)``, error
+``e = w_k − q·s_k``, then every later column of the block takes ``t_j += e · Ū_kj``. Rows are
+independent, so each program owns ``BLOCK_R`` rows of one layer and walks the block's columns
+in registers: the block is read once and codes, pre-rounding values and errors are written once
+(``5·out·B`` floats per block); the sequential steps cost no launch and no memory round trip.
 
 Rounding is done in float32 arithmetic (no FP8 cast: Triton's interpreter does not round it to
 nearest-even): ``rint`` by the ``1.5·2²³`` trick (exact for ``|x| < 2²²``; values are clamped
@@ -41,45 +41,49 @@ def _round_grid(x, FP8: tl.constexpr):  # noqa: N803 - Triton constexpr style
 
 @triton.jit
 def _gptq_block_kernel(
-    w_ptr, s_ptr, u_ptr, q_ptr, p_ptr, e_ptr,
+    t_ptr, w_ptr, s_ptr, u_ptr, q_ptr, p_ptr, e_ptr,
     rows, width,
+    st_l, st_r, st_c,
     sw_l, sw_r, sw_c,
     ss_l, ss_r, ss_c,
     su_l, su_r, su_c,
     so_l, so_r, so_c,
-    sq_l, sq_r, sq_c,
+    se_l, se_r, se_c,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FP8: tl.constexpr,  # noqa: N803
 ):  # fmt: skip
     layer = tl.program_id(1)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
     mask = (r < rows)[:, None] & (c < width)[None, :]
+    rc_t = layer * st_l + r[:, None] * st_r + c[None, :] * st_c
+    t = tl.load(t_ptr + rc_t, mask=mask, other=0.0)
     w = tl.load(w_ptr + layer * sw_l + r[:, None] * sw_r + c[None, :] * sw_c, mask=mask, other=0.0)
     s = tl.load(s_ptr + layer * ss_l + r[:, None] * ss_r + c[None, :] * ss_c, mask=mask, other=1.0)
     codes = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     pre = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     err = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     u_base = u_ptr + layer * su_l
-    for j in range(width):
-        here = c[None, :] == j
-        x = tl.sum(tl.where(here, w, 0.0), axis=1)
-        sj = tl.sum(tl.where(here, s, 0.0), axis=1)
-        scaled = x / sj
+    for k in range(width):
+        here = c[None, :] == k
+        x = tl.sum(tl.where(here, t, 0.0), axis=1)
+        wk = tl.sum(tl.where(here, w, 0.0), axis=1)
+        sk = tl.sum(tl.where(here, s, 0.0), axis=1)
+        scaled = tl.math.div_rn(x, sk)  # IEEE division, as PyTorch (the default is approximate)
         q = _round_grid(scaled, FP8)
-        e = (x - q * sj) / tl.load(u_base + j * su_r + j * su_c)
-        u_row = tl.load(u_base + j * su_r + c * su_c, mask=(c > j) & (c < width), other=0.0)
-        w = w - e[:, None] * u_row[None, :]
+        e = wk - q * sk
+        u_row = tl.load(u_base + k * su_r + c * su_c, mask=(c > k) & (c < width), other=0.0)
+        t = t + e[:, None] * u_row[None, :]
         codes = tl.where(here, q[:, None], codes)
         pre = tl.where(here, scaled[:, None], pre)
         err = tl.where(here, e[:, None], err)
     out = layer * so_l + r[:, None] * so_r + c[None, :] * so_c
     tl.store(q_ptr + out, codes, mask=mask)
     tl.store(p_ptr + out, pre, mask=mask)
-    e_off = layer * sq_l + r[:, None] * sq_r + c[None, :] * sq_c
-    tl.store(e_ptr + e_off, err, mask=mask)
+    tl.store(e_ptr + layer * se_l + r[:, None] * se_r + c[None, :] * se_c, err, mask=mask)
 
 
 def gptq_block(
+    target: torch.Tensor,
     wb: torch.Tensor,
     sb: torch.Tensor,
     ub: torch.Tensor,
@@ -87,9 +91,9 @@ def gptq_block(
     codes: torch.Tensor,
     pre: torch.Tensor,
 ) -> torch.Tensor:
-    """Feedback inside one block: ``wb [L, out, B]`` (read only), ``sb`` broadcastable to it,
-    ``ub [L, B, B]``; writes ``codes``/``pre`` (views ``[L, out, B]``, same strides), returns
-    the errors ``[L, out, B]`` (float32, contiguous). ``B`` ≤ 256.
+    """Feedback inside one block: ``target``/``wb [L, out, B]`` (read only), ``sb``
+    broadcastable to them, ``ub [L, B, B]``; writes ``codes``/``pre`` (``[L, out, B]`` views
+    with equal strides) and returns the errors ``w − ŵ`` (float32, contiguous). ``B`` ≤ 256.
     """
     layers, rows, width = wb.shape
     if width > 256:
@@ -102,9 +106,9 @@ def gptq_block(
     block_r = 16
     grid = (triton.cdiv(rows, block_r), layers)
     _gptq_block_kernel[grid](
-        wb, s, ub, codes, pre, err,
+        target, wb, s, ub, codes, pre, err,
         rows, width,
-        *wb.stride(), *s.stride(), *ub.stride(), *codes.stride(), *err.stride(),
+        *target.stride(), *wb.stride(), *s.stride(), *ub.stride(), *codes.stride(), *err.stride(),
         BLOCK_R=block_r, BLOCK_C=block_c, FP8=(kind == "fp8"), num_warps=4,
     )  # fmt: skip
     return err

@@ -35,6 +35,8 @@ the steps in between are no-ops, so results do not depend on ``check_every``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +47,13 @@ from .formats import Kind, round_to_grid
 OBJECTIVES = ("output", "svd")
 OPTIMIZERS = ("original", "adamw", "radam")
 SCHEDULES = ("adaptive", "exponential", "plateau")
+PRECISIONS = ("highest", "tf32", "bf16")
 _ADAPTIVE_BOOST = 1.25
 _ADAPTIVE_MAX = 1.0
 # Coordinate descent moves at most this fraction of a row per step: beyond it the moves
-# interact so much that rows reject them (measured: 4 to 64 moves per row end equal).
-_CD_MAX_FRACTION = 0.125
+# interact so much that rows reject them (measured on MiniLM: 1 % to 4 % of a row end equal),
+# and the per-step top-k selection costs more the larger it may be.
+_CD_MAX_FRACTION = 1 / 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +72,7 @@ class LearnedOptions:
     lr_factor: float = 0.5
     lr_cooldown: int = 0
     lr_min: float = 1e-4
-    lr_threshold: float = 1e-5
+    lr_threshold: float = 1e-4
     early_stop: int = 8
     check_every: int = 8
     weight_decay: float = 0.0
@@ -77,12 +81,14 @@ class LearnedOptions:
     max_k: int = 1280
     bias_correction: bool = True
     input_scale: bool = True
+    precision: str = "tf32"
 
     def __post_init__(self) -> None:
         for name, allowed in (
             ("objective", OBJECTIVES),
             ("optimizer", OPTIMIZERS),
             ("schedule", SCHEDULES),
+            ("precision", PRECISIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -108,6 +114,25 @@ class LearnedOptions:
             raise ConfigError("learned.damp must be in [0, 1]; lr_threshold, weight_decay >= 0")
 
 
+@contextmanager
+def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Let float32 matmuls on a CUDA ``device`` use TF32 tensor cores (``tf32``, ``bf16``).
+
+    The search and the evaluation are sums of many products whose rounding errors average
+    out; bench/learned_rounding.py checks that the loss and the guard's decisions do not move.
+    On the CPU (and with ``highest``) float32 stays float32. The previous setting is restored.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision != "highest"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 class Objective:
     """A quadratic objective of the weight error: value per group, gradient, curvature."""
 
@@ -126,20 +151,34 @@ class Objective:
         """Diagonal of the Hessian (halved), broadcastable to ``[L, out, in]``."""
         raise NotImplementedError
 
+    def exact_loss(self, e: torch.Tensor) -> torch.Tensor:
+        """Loss per layer ``[L]`` at full float32 precision (what is reported)."""
+        return self.group_loss(e, self.gradient(e)).sum(-1)
+
 
 class OutputObjective(Objective):
-    """``Σ_rows e H eᵀ`` for ``h [L, in, in]`` (the damped second moment or covariance)."""
+    """``Σ_rows e H eᵀ`` for ``h [L, in, in]`` (the damped second moment or covariance).
+
+    With ``bf16`` the gradient's matmul runs on bfloat16 copies (CUDA only): it proposes
+    moves and scores them; the loss of the final codes is always recomputed in float32.
+    """
 
     per_row = True
 
-    def __init__(self, h: torch.Tensor) -> None:
+    def __init__(self, h: torch.Tensor, *, bf16: bool = False) -> None:
         self.h = h
+        self.h_low = h.bfloat16() if bf16 else None
 
     def gradient(self, e: torch.Tensor) -> torch.Tensor:
+        if self.h_low is not None:
+            return (e.bfloat16() @ self.h_low).float()
         return e @ self.h
 
     def group_loss(self, e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return (e * g).sum(-1)
+        return torch.linalg.vecdot(e, g)
+
+    def exact_loss(self, e: torch.Tensor) -> torch.Tensor:
+        return self.group_loss(e, e @ self.h).sum(-1)
 
     def curvature(self) -> torch.Tensor:
         return torch.diagonal(self.h, dim1=-2, dim2=-1)[:, None, :].clamp_min(1e-30)
@@ -205,6 +244,7 @@ class SearchResult:
     iterations: int
     stop_reason: str
     lr_history: list[float]
+    loss_history: list[float]
 
 
 def learn_codes(
@@ -237,12 +277,12 @@ class _Search:
     ) -> None:
         self.w, self.s, self.kind, self.obj, self.opt = w, scale, kind, objective, options
         rtn = round_to_grid(w / scale, kind)
-        self.rtn_loss = self._loss(rtn)[1].sum(-1)
+        self.rtn_loss = objective.exact_loss(w - rtn * scale)
         codes, pre = start if start is not None else (rtn, w / scale)
         self.codes, self.pre = codes.float(), pre.float()
         self.grad, group = self._loss(self.codes)
         self.best_codes, self.best_group = self.codes.clone(), group
-        self.start_loss = group.sum(-1)
+        self.start_loss = objective.exact_loss(w - self.codes * scale)
         dev = w.device
         self.lr = torch.tensor(options.lr, dtype=torch.float64, device=dev)
         self.best_total = group.sum().double()
@@ -252,7 +292,12 @@ class _Search:
         self.steps = torch.zeros((), dtype=torch.int64, device=dev)
         self.active = torch.ones((), dtype=torch.bool, device=dev)
         self.lr_trace: list[torch.Tensor] = []
+        self.loss_trace: list[torch.Tensor] = [self.best_total]
         self.row_step = torch.ones_like(group)[..., None]
+        if options.optimizer == "original":
+            self.curvature = objective.curvature()
+            # 1 / (c·s): turns a gradient into the best single-weight move in code units
+            self.step_per_grad = (self.curvature * scale).reciprocal()
         if options.optimizer != "original":
             self.value = self.pre.clone()
             self.m = torch.zeros_like(self.value)
@@ -263,7 +308,7 @@ class _Search:
 
     def _loss(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(half-gradient, loss per group) of the error ``w − codes·s``."""
-        e = self.w - codes * self.s
+        e = torch.addcmul(self.w, codes, self.s, value=-1.0)
         g = self.obj.gradient(e)
         return g, self.obj.group_loss(e, g)
 
@@ -278,15 +323,17 @@ class _Search:
                 reason = f"no improvement in {opt.early_stop} steps"
                 break
         lrs = torch.stack(self.lr_trace).tolist() if self.lr_trace else []
+        losses = torch.stack(self.loss_trace).tolist() if self.loss_trace else []
         steps = int(self.steps)
         return SearchResult(
             codes=self.best_codes,
-            loss=self.best_group.sum(-1),
+            loss=self.obj.exact_loss(self.w - self.best_codes * self.s),
             start_loss=self.start_loss,
             rtn_loss=self.rtn_loss,
             iterations=steps,
             stop_reason=reason if opt.num_iter else "num_iter is 0",
             lr_history=lrs[:steps],
+            loss_history=losses[: steps + 1],
         )
 
     def _step(self, t: int) -> None:
@@ -308,6 +355,7 @@ class _Search:
         else:
             self.codes, self.grad = proposal, grad
         total = self.best_group.sum().double()
+        self.loss_trace.append(total)
         improved = total < self.best_total * (1.0 - self.opt.lr_threshold)
         # like ReduceLROnPlateau, the reference moves only on a significant improvement
         self.best_total = torch.where(improved, total, self.best_total)
@@ -322,21 +370,25 @@ class _Search:
         return self._adam_step(t)
 
     def _coordinate_step(self) -> torch.Tensor:
-        """Move each row's ``⌈lr·in⌉`` weights with the largest predicted loss decrease."""
-        c = self.obj.curvature()
+        """Move each row's ``⌈lr·in⌉`` weights with the largest predicted loss decrease.
+
+        Written with few full-size passes (each is a memory-bound sweep of ``[out, in]``).
+        """
+        c = self.curvature
         q = self.codes
-        # exact minimiser of the loss along one weight: ŵ + g/c, snapped to the grid
-        target = round_to_grid((q * self.s + self.grad / c) / self.s, self.kind)
-        d = (target - q) * self.s
-        gain = 2 * d * self.grad - d * d * c  # predicted decrease if only this weight moves
+        # exact minimiser of the loss along one weight, in code units: q + g/(c·s), on the grid
+        target = round_to_grid(torch.addcmul(q, self.grad, self.step_per_grad), self.kind)
+        a = (target - q).mul_(self.s)  # the move in weight units
+        # predicted decrease if only this weight moves: 2·a·g − a²·c = 2·a·(g − a·c/2)
+        gain = torch.addcmul(self.grad, a, c, value=-0.5).mul_(a)
         n = q.shape[-1]
         k_max = max(1, math.ceil(min(self._lr_cap(), _CD_MAX_FRACTION) * n))
-        top, idx = torch.topk(gain, k_max, dim=-1)
+        top, idx = torch.topk(gain, k_max, dim=-1, sorted=True)
         k_now = torch.ceil(self.lr * n * self.row_step).clamp(1, k_max)
         rank = torch.arange(k_max, device=q.device)
         chosen = (top > 0) & (rank < k_now)
-        moved = torch.zeros_like(q).scatter_(-1, idx, chosen.to(q.dtype))
-        return torch.where(moved > 0, target, q)
+        moved = torch.where(chosen, target.gather(-1, idx), q.gather(-1, idx))
+        return q.scatter(-1, idx, moved)
 
     def _lr_cap(self) -> float:
         """Largest LR any schedule can reach (host-side constant: no sync)."""
@@ -346,20 +398,19 @@ class _Search:
 
     def _adam_step(self, t: int) -> torch.Tensor:
         """One AdamW / RAdam step on the continuous values (straight-through gradient)."""
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
         # d loss / d value: the error is w − round(value)·s, rounding passed straight through
         g = -2.0 * self.grad * self.s / self.signal
-        if self.opt.weight_decay:
-            self.value = self.value * (1 - self.lr * self.opt.weight_decay)
-        self.m = beta1 * self.m + (1 - beta1) * g
-        self.v = beta2 * self.v + (1 - beta2) * g * g
-        step = t + 1
-        m_hat = self.m / (1 - beta1**step)
-        if self.opt.optimizer == "adamw":
-            update = m_hat / ((self.v / (1 - beta2**step)).sqrt() + eps)
-        else:
-            update = _radam_direction(m_hat, self.v, step, beta2, eps)
-        self.value = torch.where(self.active, self.value - self.lr * update, self.value)
+        value, self.m, self.v = adam_update(
+            self.value,
+            self.m,
+            self.v,
+            g,
+            lr=self.lr,
+            step=t + 1,
+            rectified=self.opt.optimizer == "radam",
+            weight_decay=self.opt.weight_decay,
+        )
+        self.value = torch.where(self.active, value, self.value)
         return round_to_grid(self.value, self.kind)
 
     def _schedule(self, t: int, improved: torch.Tensor) -> None:
@@ -393,13 +444,39 @@ class _Search:
         return new
 
 
-def _radam_direction(
-    m_hat: torch.Tensor, v: torch.Tensor, step: int, beta2: float, eps: float
-) -> torch.Tensor:
-    """RAdam's update direction (Liu et al. 2020): rectified Adam, or momentum while warming up."""
+def adam_update(
+    value: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    lr: torch.Tensor | float,
+    step: int,
+    rectified: bool,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step, or RAdam's (Liu et al. 2020) with ``rectified``; decoupled weight decay.
+
+    Same arithmetic as ``torch.optim.AdamW`` / ``RAdam(decoupled_weight_decay=True)``, with
+    ``lr`` allowed to be a device tensor (no host sync). ``step`` counts from 1. Returns the
+    new ``(value, m, v)``.
+    """
+    beta1, beta2 = betas
+    if weight_decay:
+        value = value * (1 - lr * weight_decay)
+    m = torch.lerp(m, grad, 1 - beta1)
+    v = v * beta2 + (1 - beta2) * grad * grad
+    correction1 = 1 - beta1**step
+    correction2 = 1 - beta2**step
+    if not rectified:
+        denom = v.sqrt() / math.sqrt(correction2) + eps
+        return value - (lr / correction1) * m / denom, m, v
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    rho = rho_inf - 2.0 * step * beta2**step / (1.0 - beta2**step)
-    if rho <= 5.0:
-        return m_hat
+    rho = rho_inf - 2.0 * step * beta2**step / correction2
+    if rho <= 5.0:  # warming up: plain momentum
+        return value - lr * (m / correction1), m, v
     rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
-    return m_hat * rect / ((v / (1 - beta2**step)).sqrt() + eps)
+    adaptive = math.sqrt(correction2) / (v.sqrt() + eps)
+    return value - lr * (m / correction1) * rect * adaptive, m, v

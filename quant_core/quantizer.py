@@ -31,7 +31,13 @@ import torch
 from . import error_feedback, formats
 from .calibration import LayerStats, Moments
 from .formats import FP8_E4M3_MAX, Format, Kind, Scaling
-from .learned import LearnedOptions, OutputObjective, learn_codes, svd_objective
+from .learned import (
+    LearnedOptions,
+    OutputObjective,
+    learn_codes,
+    matmul_precision,
+    svd_objective,
+)
 
 
 @dataclass
@@ -78,13 +84,16 @@ def quantize_layer(
     extra: dict[str, object] = {}
 
     w_hat, codes = rtn_hat, rtn_codes
-    if rounding == "learned":
-        t0 = time.perf_counter()
-        candidate = _learned(w, scale, fmt, stats, correct, options, seed, use_triton, extra)
-        if candidate is not None:
-            w_hat, codes = _guard(w, rtn_hat, rtn_codes, candidate, scale, fmt, stats, correct,
-                                  extra)  # fmt: skip
-        extra["learned_time_s"] = time.perf_counter() - t0
+    held = None if stats is None else (stats.check if stats.check is not None else stats.fit)
+    centre = stats.fit if correct and stats is not None else None
+    with matmul_precision(options.precision, w.device):
+        energies = _Energies(w, rtn_hat, held, centre)
+        if rounding == "learned":
+            t0 = time.perf_counter()
+            cand = _learned(w, scale, fmt, stats, correct, options, seed, use_triton, extra)
+            if cand is not None and _guard(w, cand, energies, stats, extra):
+                w_hat, codes = cand.w_hat, cand.codes
+            extra["learned_time_s"] = time.perf_counter() - t0
 
     new_bias = None
     if correct:
@@ -100,9 +109,9 @@ def quantize_layer(
 
     output_sqnr = None
     if stats is not None:
-        held = stats.check if stats.check is not None else stats.fit
-        output_sqnr = _output_sqnr(w, w_hat, held, stats.fit if correct else None)
-        extra["rtn_output_sqnr_db"] = _output_sqnr(w, rtn_hat, held, None)
+        final = energies.learned if w_hat is not rtn_hat else energies.rtn
+        output_sqnr = formats.sqnr_db(energies.signal, final)
+        extra["rtn_output_sqnr_db"] = formats.sqnr_db(energies.signal, energies.rtn_plain)
         extra["output_sqnr_rows"] = "held-out" if stats.check is not None else "fit"
     return LayerResult(
         codes=codes,
@@ -133,7 +142,7 @@ def _learned(
     extra: dict[str, object],
 ) -> _Candidate | None:
     """Run the search; None (with the reason in ``extra``) when it cannot run."""
-    s3 = _scale3(scale, w.shape, fmt)
+    s3 = scale_3d(scale, w.shape, fmt)
     w3 = w[None]
     if options.objective == "output":
         if stats is None:
@@ -172,62 +181,75 @@ def _learned(
 
 def _guard(
     w: torch.Tensor,
-    rtn_hat: torch.Tensor,
-    rtn_codes: torch.Tensor,
     cand: _Candidate,
-    scale: torch.Tensor,
-    fmt: Format,
+    energies: _Energies,
     stats: LayerStats | None,
-    correct: bool,
     extra: dict[str, object],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the learned codes only if they beat round-to-nearest where the search did not look."""
+) -> bool:
+    """Whether the learned codes beat round-to-nearest where the search did not look."""
+    energies.add_learned(w - cand.w_hat)
     if stats is None:
-        rtn_err = float(((w - rtn_hat) ** 2).sum())
-        new_err = float(((w - cand.w_hat) ** 2).sum())
         extra["guard_on"] = "weight error (no statistics)"
     else:
-        held = stats.check if stats.check is not None else stats.fit
-        centre = stats.fit if correct else None
-        rtn_err = _error_energy(w - rtn_hat, held, centre)
-        new_err = _error_energy(w - cand.w_hat, held, centre)
         extra["guard_on"] = "held-out rows" if stats.check is not None else "fit rows"
-    margin = _db(rtn_err, new_err)
+    margin = _db(energies.rtn, energies.learned)
     extra["guard_margin_db"] = margin
-    if new_err < rtn_err:
-        extra["kept"] = "learned"
-        return cand.w_hat, cand.codes
-    extra["kept"] = "nearest"
-    return rtn_hat, rtn_codes
+    better = energies.learned < energies.rtn
+    extra["kept"] = "learned" if better else "nearest"
+    return better
 
 
-def _scale3(scale: torch.Tensor, shape: torch.Size, fmt: Format) -> torch.Tensor:
-    """Scale as ``[1, out|1, in|1]`` (blocks expanded to ``[1, out, in]``)."""
+class _Energies:
+    """Output error energies on the held rows (or weight error energies without statistics).
+
+    ``signal`` = E‖x Wᵀ‖², ``rtn_plain`` = round-to-nearest without bias correction, ``rtn`` and
+    ``learned`` with the bias treatment the layer gets (``centre`` = the fit mean or None).
+    One matmul with the held matrix serves all of them (float64 on the CPU).
+    """
+
+    def __init__(
+        self, w: torch.Tensor, rtn_hat: torch.Tensor, held: Moments | None, centre: Moments | None
+    ) -> None:
+        self.held, self.centre = held, centre
+        if held is None:
+            self.signal = float((w.double() ** 2).sum())
+            self.rtn = self.rtn_plain = float(((w - rtn_hat).double() ** 2).sum())
+            self.learned = math.inf
+            return
+        (self.signal, _), (self.rtn_plain, self.rtn) = self._output(w, w - rtn_hat)
+
+    def add_learned(self, e: torch.Tensor) -> None:
+        if self.held is None:
+            self.learned = float((e.double() ** 2).sum())
+        else:
+            self.learned = self._output(e)[0][1]
+
+    def _output(self, *errors: torch.Tensor) -> list[tuple[float, float]]:
+        """``(plain, bias-treated)`` energy of each ``e [out, in]`` over the held rows."""
+        held = self.held
+        assert held is not None
+        work = torch.float64 if errors[0].device.type == "cpu" else torch.float32
+        stacked = torch.stack(errors).to(work)  # [n, out, in]
+        h = held.second_moment.to(work)
+        plain = ((stacked @ h) * stacked).sum((-1, -2)).double()
+        treated = plain
+        if self.centre is not None:
+            # E‖(x − c)eᵀ‖² = E‖x eᵀ‖² − 2 (e c)·(e μ) + ‖e c‖², c the fit mean
+            ec = stacked @ self.centre.mean.to(work)
+            em = stacked @ held.mean.to(work)
+            treated = plain - (2 * (ec * em) - ec * ec).sum(-1).double()
+        return [
+            (max(float(p), 0.0), max(float(t), 0.0)) for p, t in zip(plain, treated, strict=True)
+        ]
+
+
+def scale_3d(scale: torch.Tensor, shape: tuple[int, ...], fmt: Format) -> torch.Tensor:
+    """``weight_scale`` as ``[1, out|1, in|1]`` (blocks expanded to ``[1, out, in]``)."""
     if fmt.scaling is Scaling.TENSOR:
         return scale.reshape(1, 1, 1)
     if fmt.scaling is Scaling.ROW:
         return scale.reshape(1, -1, 1)
     return formats.expand_scale(scale, tuple(shape), fmt)[None].contiguous()
-
-
-def _error_energy(e: torch.Tensor, held: Moments, centre: Moments | None) -> float:
-    """``E‖(x − c) eᵀ‖²`` over ``held`` rows, ``c`` the fit mean (bias-corrected) or 0."""
-    ed = e.double()
-    h = held.second_moment.double()
-    energy = (ed @ h * ed).sum()
-    if centre is not None:
-        # E‖(x−c)eᵀ‖² = E‖x eᵀ‖² − 2 (e c)·(e μ) + ‖e c‖²
-        ec = ed @ centre.mean.double()
-        em = ed @ held.mean.double()
-        energy = energy - 2 * (ec * em).sum() + (ec * ec).sum()
-    return max(float(energy), 0.0)
-
-
-def _output_sqnr(
-    w: torch.Tensor, w_hat: torch.Tensor, held: Moments, centre: Moments | None
-) -> float:
-    signal = _error_energy(w, held, None)
-    return formats.sqnr_db(signal, _error_energy(w - w_hat, held, centre))
 
 
 def _db(reference: float, value: float) -> float:
