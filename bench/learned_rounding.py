@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -182,6 +183,9 @@ def cpu_bench(args: argparse.Namespace) -> dict:
             svd = quantize_layer(w, fmt, rounding="learned", stats=st, options=svd_options)
             r["svd_s"] = time.perf_counter() - t
             r["svd_unguarded"] = sqnr(w, _search_hat(w, fmt, svd_options, args.seed), ev)
+            # the same proxy moved by AdamW on continuous values, closer to the reference tool
+            svd_adam = replace(svd_options, optimizer="adamw", lr=0.01)
+            r["svd_adamw"] = sqnr(w, _search_hat(w, fmt, svd_adam, args.seed), ev)
             r["svd_guarded"] = sqnr(w, formats.dequantize(svd.codes, svd.scale, fmt), ev)
             r["svd_kept"] = svd.extra.get("kept")
             # ours, rounding only (bias untouched) and with bias correction
@@ -206,7 +210,8 @@ def cpu_bench(args: argparse.Namespace) -> dict:
                 replace["learned+bc"][bias_key] = lb.bias
             print(
                 f"  {label:10s} {key:48s} rtn {r['rtn']:6.2f}  gptq {r['gptq'] - r['rtn']:+5.2f}"
-                f"  svd {r['svd_unguarded'] - r['rtn']:+5.2f}/{r['svd_guarded'] - r['rtn']:+5.2f}"
+                f"  svd {r['svd_unguarded'] - r['rtn']:+5.2f}/{r['svd_adamw'] - r['rtn']:+5.2f}"
+                f"/{r['svd_guarded'] - r['rtn']:+5.2f}"
                 f"  learned {r['learned'] - r['rtn']:+5.2f}  +bc {r['learned+bc'] - r['rtn']:+5.2f}"
                 f"  ({r['learned_s']:.1f} s, {r['iterations']} it, {r['kept']})",
                 flush=True,
@@ -224,8 +229,6 @@ def cpu_bench(args: argparse.Namespace) -> dict:
 
 
 def _no_bc(o: LearnedOptions) -> LearnedOptions:
-    from dataclasses import replace
-
     return replace(o, bias_correction=False)
 
 
@@ -241,7 +244,7 @@ def _search_hat(w: torch.Tensor, fmt: Format, options: LearnedOptions, seed: int
 
 
 def print_cpu(results: dict) -> None:
-    cols = ["rtn", "gptq", "svd_unguarded", "svd_guarded", "learned", "learned+bc"]
+    cols = ["rtn", "gptq", "svd_unguarded", "svd_adamw", "svd_guarded", "learned", "learned+bc"]
     for label, rows in results["layers"].items():
         n = len(rows)
         print(f"\n{label}: held-out output SQNR, gain over round-to-nearest (dB), {n} layers")
@@ -359,7 +362,11 @@ def gpu_bench(args: argparse.Namespace) -> dict:
     device = torch.device("cpu" if args.smoke else "cuda")
     name = "CPU smoke run" if args.smoke else torch.cuda.get_device_name(device)
     print(f"device: {name}; torch {torch.__version__}", flush=True)
-    results: dict = {"device": name, "checks": kernel_checks(device), "timings": []}
+    try:
+        checks, kernel_ok = kernel_checks(device), True
+    except Exception as e:  # report it and still time the PyTorch path
+        checks, kernel_ok = [f"Triton kernel FAILED: {type(e).__name__}: {e}"], False
+    results: dict = {"device": name, "checks": checks, "timings": []}
     for line in results["checks"]:
         print(line, flush=True)
     div = 16 if args.smoke else 1
@@ -371,11 +378,16 @@ def gpu_bench(args: argparse.Namespace) -> dict:
         del x
         g = torch.Generator(device=device).manual_seed(3)
         w = torch.randn(out_f, in_f, generator=g, device=device) * 0.02
-        cuda = device.type == "cuda"
+        cuda = device.type == "cuda" and kernel_ok
         for label, fmt in FORMATS.items():
             t_rtn, _ = cuda_time(lambda w=w, fmt=fmt: formats.quantize(w, fmt), reps=5)
-            for precision in ("highest", "tf32", "bf16"):
-                opts = LearnedOptions(precision=precision, bias_correction=False)
+            # the default (tf32, early stopping), the other precisions, and all 48 steps forced
+            steps = LearnedOptions().num_iter
+            variants = [("tf32", {}), ("bf16", {}), ("tf32", {"early_stop": steps + 1})]
+            if args.highest:
+                variants.append(("highest", {}))
+            for precision, more in variants:
+                opts = LearnedOptions(precision=precision, bias_correction=False, **more)
 
                 def learned(w=w, fmt=fmt, opts=opts, stats=stats, cuda=cuda):
                     return quantize_layer(
@@ -387,7 +399,7 @@ def gpu_bench(args: argparse.Namespace) -> dict:
                 row = {
                     "shape": [out_f, in_f],
                     "format": label,
-                    "precision": precision,
+                    "precision": precision + (f"/all-{steps}-steps" if more else ""),
                     "learned_s": t_l,
                     "rtn_s": t_rtn,
                     "ratio": t_l / t_rtn,
@@ -398,10 +410,10 @@ def gpu_bench(args: argparse.Namespace) -> dict:
                     "kept": e["kept"],
                     "stats_matmul_s": t_stats,
                 }
-                row.update(_breakdown(w, fmt, stats, opts))
+                row.update(_breakdown(w, fmt, stats, opts, cuda))
                 results["timings"].append(row)
                 print(
-                    f"{out_f}x{in_f} {label:10s} {precision:7s} learned {t_l * 1e3:7.1f} ms "
+                    f"{out_f}x{in_f} {label:10s} {row['precision']:7s} learned {t_l * 1e3:7.1f} ms "
                     f"(feedback {row['feedback_s'] * 1e3:.1f}, search {row['search_s'] * 1e3:.1f}"
                     f", {row['syncs']} syncs / {e['iterations']} it) RTN {t_rtn * 1e3:.2f} ms "
                     f"ratio {t_l / t_rtn:.0f}x  fit gain {row['fit_gain_db']:+.2f} dB "
@@ -411,11 +423,11 @@ def gpu_bench(args: argparse.Namespace) -> dict:
         del stats, fit, check
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    results["batched"] = _batched(device, div)
+    results["batched"] = _batched(device, div, device.type == "cuda" and kernel_ok)
     return results
 
 
-def _breakdown(w, fmt, stats: LayerStats, opts: LearnedOptions) -> dict:
+def _breakdown(w, fmt, stats: LayerStats, opts: LearnedOptions, use_triton: bool) -> dict:
     """Time the two stages apart and count host syncs inside the search."""
     from comfyui_quantizer.quant_core.quantizer import scale_3d
 
@@ -425,7 +437,7 @@ def _breakdown(w, fmt, stats: LayerStats, opts: LearnedOptions) -> dict:
     with matmul_precision(opts.precision, w.device):
         t_ef, start = cuda_time(
             lambda: error_feedback.error_feedback(
-                w[None], s3, h, fmt.kind, damp=opts.damp, use_triton=w.device.type == "cuda"
+                w[None], s3, h, fmt.kind, damp=opts.damp, use_triton=use_triton
             ),
             reps=2,
         )
@@ -443,7 +455,7 @@ def _breakdown(w, fmt, stats: LayerStats, opts: LearnedOptions) -> dict:
     return {"feedback_s": t_ef, "search_s": t_s, "syncs": len(caught)}
 
 
-def _batched(device, div: int) -> dict:
+def _batched(device, div: int, use_triton: bool) -> dict:
     """Four 3072×3072 layers: one batched search vs four single ones."""
     layers, out_f, in_f = 4, 3072 // div, 3072 // div
     g = torch.Generator(device=device).manual_seed(7)
@@ -455,9 +467,7 @@ def _batched(device, div: int) -> dict:
 
     def run(ws, ss, hh):
         with matmul_precision(opts.precision, device):
-            start = error_feedback.error_feedback(
-                ws, ss, hh, Kind.INT8, use_triton=device.type == "cuda"
-            )
+            start = error_feedback.error_feedback(ws, ss, hh, Kind.INT8, use_triton=use_triton)
             obj = OutputObjective(error_feedback.damped(hh, opts.damp))
             return learn_codes(ws, ss, Kind.INT8, obj, opts, start=start)
 
@@ -478,13 +488,13 @@ def print_gpu(results: dict) -> None:
     for line in results["checks"]:
         print(line)
     print(
-        f"{'shape':12s} {'format':10s} {'precision':9s} {'learned ms':>10s} {'RTN ms':>8s} "
+        f"{'shape':12s} {'format':10s} {'precision':20s} {'learned ms':>10s} {'RTN ms':>8s} "
         f"{'ratio':>6s} {'fit dB':>7s} {'held dB':>8s} {'iters':>5s}"
     )
     for r in results["timings"]:
         shape = "x".join(map(str, r["shape"]))
         print(
-            f"{shape:12s} {r['format']:10s} {r['precision']:9s} {r['learned_s'] * 1e3:10.1f} "
+            f"{shape:12s} {r['format']:10s} {r['precision']:20s} {r['learned_s'] * 1e3:10.1f} "
             f"{r['rtn_s'] * 1e3:8.2f} {r['ratio']:6.0f} {r['fit_gain_db']:+7.2f} "
             f"{r['held_gain_db']:+8.2f} {r['iterations']:5d}"
         )
@@ -500,6 +510,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="every 6th layer only")
     p.add_argument("--smoke", action="store_true", help="--gpu code path on the CPU, tiny sizes")
+    p.add_argument("--highest", action="store_true", help="--gpu: also time full-fp32 matmuls")
     args = p.parse_args()
     if args.smoke:
         # the Triton interpreter must be chosen before any kernel is defined

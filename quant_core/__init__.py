@@ -13,6 +13,7 @@ Public API::
 from .config import QuantConfig
 from .errors import Cancelled, ConfigError, InputError, OutputError, QuantError
 from .formats import Format, Kind, Scaling
+from .learned import LearnedOptions  # issue 4: options of learned rounding (QuantConfig.learned)
 from .pipeline import Progress, dry_run, plan_model, quantize_model
 from .plan import Plan
 from .report import LayerReport, Report
@@ -25,6 +26,7 @@ __all__ = [
     "InputError",
     "Kind",
     "LayerReport",
+    "LearnedOptions",
     "OutputError",
     "Plan",
     "Progress",

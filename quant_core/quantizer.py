@@ -113,6 +113,8 @@ def quantize_layer(
         output_sqnr = formats.sqnr_db(energies.signal, final)
         extra["rtn_output_sqnr_db"] = formats.sqnr_db(energies.signal, energies.rtn_plain)
         extra["output_sqnr_rows"] = "held-out" if stats.check is not None else "fit"
+    if rounding == "learned":
+        extra["rtn_weight_sqnr_db"] = formats.error_energy(w, rtn_codes, scale, fmt).sqnr_db
     return LayerResult(
         codes=codes,
         scale=scale,

@@ -365,3 +365,15 @@ def test_options_are_validated_with_the_key_named() -> None:
         QuantConfig(rounding="learned")
     QuantConfig(rounding="learned", learned=LearnedOptions(objective="svd"))
     QuantConfig(rounding="learned", calibration="cal.safetensors")
+
+
+@pytest.mark.parametrize("kind", [Kind.INT8, Kind.FP8])
+def test_search_rounding_equals_the_formats_grid_function(kind: Kind) -> None:
+    from comfyui_quantizer.quant_core.learned import snap
+
+    grid = torch.unique(formats.round_to_grid(torch.linspace(-460, 460, 400001), kind))
+    ties = (grid[1:] + grid[:-1]) / 2  # exact midpoints: round half to even decides
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(100000, generator=g) * 100, torch.randn(10000, generator=g) * 1e-3]
+    x = torch.cat([grid, ties, *noise, torch.tensor([1e4, -1e4, 0.0])])
+    assert torch.equal(snap(x, kind), formats.round_to_grid(x, kind))
