@@ -161,7 +161,7 @@ def cpu_bench(args: argparse.Namespace) -> dict:
     y_ref = run_model(model, held_ids, {})
     for label, fmt in FORMATS.items():
         rows = {}
-        replace = {"rtn": {}, "learned": {}, "learned+bc": {}}
+        swaps = {"rtn": {}, "learned": {}, "learned+bc": {}}
         for key in layers:
             w = weights[key].float()
             bias_key = key[: -len("weight")] + "bias"
@@ -203,11 +203,11 @@ def cpu_bench(args: argparse.Namespace) -> dict:
             lb_hat = formats.dequantize(lb.codes, lb.scale, fmt)
             r["learned+bc"] = sqnr(w, lb_hat, ev, st.fit.mean if lb.bias is not None else None)
             rows[key] = r
-            replace["rtn"][key] = rtn_hat
-            replace["learned"][key] = l_hat
-            replace["learned+bc"][key] = lb_hat
+            swaps["rtn"][key] = rtn_hat
+            swaps["learned"][key] = l_hat
+            swaps["learned+bc"][key] = lb_hat
             if lb.bias is not None:
-                replace["learned+bc"][bias_key] = lb.bias
+                swaps["learned+bc"][bias_key] = lb.bias
             print(
                 f"  {label:10s} {key:48s} rtn {r['rtn']:6.2f}  gptq {r['gptq'] - r['rtn']:+5.2f}"
                 f"  svd {r['svd_unguarded'] - r['rtn']:+5.2f}/{r['svd_adamw'] - r['rtn']:+5.2f}"
@@ -218,7 +218,7 @@ def cpu_bench(args: argparse.Namespace) -> dict:
             )
         results["layers"][label] = rows
         model_rows = {}
-        for name, rep in replace.items():
+        for name, rep in swaps.items():
             y = run_model(model, held_ids, rep)
             cos = torch.nn.functional.cosine_similarity(y, y_ref, dim=-1).mean().item()
             rel = ((y - y_ref).norm() / y_ref.norm()).item()
