@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast the tensors that stay unquantized (default: keep their dtype)",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the math (default: half the cores, at most 8)",
+    )
+    p.add_argument(
         "--upgrade-legacy",
         action="store_true",
         help="rewrite a legacy scaled_fp8 checkpoint losslessly in the comfy_quant layout",
@@ -110,7 +117,14 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         device=args.device,
         seed=args.manual_seed,
         upgrade_legacy=args.upgrade_legacy,
+        cpu_threads=args.threads if args.threads is not None else default_threads(),
     )
+
+
+def default_threads() -> int:
+    """Half the cores (at most 8): torch's default of every core stalls badly whenever the
+    machine is busy with anything else, and the reads run in a thread of their own."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def default_output(input_path: Path, config: QuantConfig) -> Path:
