@@ -258,7 +258,8 @@ class _PrintAndExit(argparse.Action):
         self.text = text
 
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
-        parser.exit(message=self.text() + "\n")
+        print(self.text())  # to stdout, like --help
+        parser.exit()
 
 
 def filters_help() -> str:

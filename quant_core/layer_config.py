@@ -65,11 +65,17 @@ class FormatSpec:
     kind: Kind | None = None
     scaling: Scaling | None = None
     block_size: int | None = None
+    where: str = ""
 
     def resolve(self, inherit: Format) -> Format:
         """Fill omitted fields from ``inherit`` (the format one level up)."""
         kind = self.kind or inherit.kind
         scaling = self.scaling or inherit.scaling
+        if self.block_size is not None and scaling is not Scaling.BLOCK:
+            raise ConfigError(
+                f"{self.where}: block_size {self.block_size} needs block scaling, but the "
+                f"inherited scaling is {scaling.value!r}; set the scaling explicitly"
+            )
         block = self.block_size or inherit.block_size or 128
         return Format(kind, scaling, block if scaling is Scaling.BLOCK else None)
 
@@ -125,7 +131,7 @@ def parse_format(
             raise ConfigError(
                 f"{where}: block_size only applies to block scaling, not {resolved.value!r}"
             )
-    return FormatSpec(kind, resolved, block_size)
+    return FormatSpec(kind, resolved, block_size, where)
 
 
 @dataclass(frozen=True)
@@ -258,9 +264,15 @@ class TemplateLayer:
 
 
 def family_pattern(layer: str) -> str:
-    """``double_blocks.7.img_attn.qkv`` -> ``^double_blocks\\.\\d+\\.img_attn\\.qkv$``."""
-    parts = [r"\d+" if p.isdigit() else re.escape(p) for p in layer.split(".")]
-    return "^" + r"\.".join(parts) + "$"
+    """``double_blocks.7.img_mlp.0`` -> ``^double_blocks\\.\\d+\\.img_mlp\\.0$``.
+
+    Only the first number is folded: it is the block index; later numbers index layers inside
+    a block (``img_mlp.0`` and ``img_mlp.2`` are different layers with different shapes).
+    """
+    parts = layer.split(".")
+    first = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    escaped = [r"\d+" if i == first else re.escape(p) for i, p in enumerate(parts)]
+    return "^" + r"\.".join(escaped) + "$"
 
 
 def template(
@@ -283,7 +295,8 @@ def template(
         by_choice: dict[tuple[object, ...], list[TemplateLayer]] = {}
         for m in members:
             by_choice.setdefault(_choice(m), []).append(m)
-        majority = max(by_choice.values(), key=len)
+        # Ties go to the quantized choice: the exceptions of a family are usually its keeps.
+        majority = max(by_choice.values(), key=lambda g: (len(g), g[0].fmt is not None))
         for group in by_choice.values():
             if group is majority:
                 continue
