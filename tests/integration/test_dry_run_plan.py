@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 from comfyui_quantizer.cli import main
-from comfyui_quantizer.quant_core import SafetensorsSource
+from comfyui_quantizer.quant_core import QuantConfig, SafetensorsSource, dry_run
+from comfyui_quantizer.quant_core.rules import layer_config_template
 
 CODE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8}
 
@@ -161,6 +162,25 @@ def test_dry_run_reads_only_the_header(model: Callable[[str], Path], tmp_path: P
     assert set(tmp_path.iterdir()) == before
     assert run_cli("-i", src, "-o", out, "--no-progress") == 1  # real reads find the NaNs
     assert not out.exists()
+
+
+def test_dry_run_and_template_read_no_tensor(model: Callable[[str], Path]) -> None:
+    """Counted: planning, the dry-run report and the template call ``read`` zero times."""
+
+    class CountingSource(SafetensorsSource):
+        reads = 0
+
+        def read(self, key: str) -> torch.Tensor:
+            CountingSource.reads += 1
+            return super().read(key)
+
+    with CountingSource(model("flux-checkpoint")) as src:
+        report = dry_run(src, QuantConfig(output_dtype="fp16"))
+        layer_config_template(src.name, src.tensors(), QuantConfig())
+        assert report.file_bytes is not None and report.file_bytes > 0
+        assert CountingSource.reads == 0
+        src.read("vae.decoder.conv_out.weight")  # the counter does count
+    assert CountingSource.reads == 1
 
 
 def test_dry_run_prints_the_plan_summary(
