@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from . import comfy_quant, dtypes
 from .config import OUTPUT_DTYPES, QuantConfig
+from .detect import detect
 from .errors import InputError
 from .formats import Format, Kind, Scaling
 from .rules import Decision, decide_all
@@ -120,8 +121,8 @@ def build_plan(source: Source, config: QuantConfig) -> Plan:
     infos = source.tensors()
     if not infos:
         raise InputError(f"{source.name}: the file holds no tensors")
-    architecture = None
     if legacy_prefix is not None:
+        architecture = detect(infos).summary
         entries = _legacy_entries(source, legacy_prefix)
         notes: tuple[str, ...] = ("legacy scaled_fp8 layers rewritten without requantizing",)
     else:
