@@ -129,11 +129,6 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature("wan", "WAN 2.x", "wan", DIFFUSION, requires=(r"^head\.modulation$",)),
     Signature(
         "z-image", "Z-Image", "zimage", DIFFUSION,
-        requires=(*_LUMINA, r"^layers\.0\.adaLN_modulation\.0\.weight$"),
-        also_fits=("zimage_refiner",),
-    ),
-    Signature(
-        "z-image", "Z-Image", "zimage", DIFFUSION,
         requires=_LUMINA,
         shape=(r"cap_embedder\.1\.weight", 0, 3840),  # how ComfyUI tells it from Lumina 2
         also_fits=("zimage_refiner",),

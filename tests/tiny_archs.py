@@ -229,9 +229,10 @@ def _lumina_block(m: _Model, p: str, *, modulation: str | None) -> None:
         m.linear(f"{p}.adaLN_modulation.{modulation}", 4 * H, 64)
 
 
-def z_image(cap_dim: int = H, modulation_index: str = "0") -> dict[str, torch.Tensor]:
-    """Z-Image (``adaLN_modulation.0``, no SiLU in front) or, with ``modulation_index="1"``,
-    the Lumina 2 layout; ``cap_dim`` is the hidden size ComfyUI reads from cap_embedder.1."""
+def z_image(cap_dim: int = 3840, modulation_index: str = "0") -> dict[str, torch.Tensor]:
+    """Z-Image: ComfyUI tells it from Lumina 2 by the 3840 rows of cap_embedder.1 (the model
+    width; only that dimension is real here) and builds its modulation without a SiLU in front
+    (``adaLN_modulation.0``). ``z_image(H, "1")`` is the Lumina 2 layout."""
     m = _Model(8)
     m.linear("x_embedder", H, 64)
     m.norm("cap_embedder.0.weight", 48)
@@ -438,8 +439,7 @@ BUILDERS = {
     "hunyuan-video": hunyuan_video,
     "qwen-image": qwen_image,
     "z-image": z_image,
-    "z-image-by-width": lambda: z_image(cap_dim=3840, modulation_index="1"),
-    "lumina2": lambda: z_image(modulation_index="1"),
+    "lumina2": lambda: z_image(cap_dim=H, modulation_index="1"),
     "ltxv2": ltx2,
     "krea2": krea2,
     "anima": anima,

@@ -70,8 +70,7 @@ Q, K, D = Action.QUANTIZE, Action.KEEP, Action.DROP
         ("wan-i2v", "wan-i2v"),
         ("hunyuan-video", "hunyuan-video"),
         ("qwen-image", "qwen-image"),
-        ("z-image", "z-image"),
-        ("z-image-by-width", "z-image"),  # Lumina layout, but 3840 wide: ComfyUI's own rule
+        ("z-image", "z-image"),  # 3840 wide: ComfyUI's own rule
         ("lumina2", "lumina2"),
         ("ltxv2", "ltxv2"),
         ("krea2", "krea2"),
