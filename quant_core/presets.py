@@ -6,8 +6,8 @@ tensor key *relative to its component prefix* (``model.diffusion_model.img_in.we
 
 Precedence, first that applies wins (``rules.py`` implements it, tests pin it):
 
-1. structure: not floating point, not a ``.weight``, not 2-D  -> keep (no rule can override)
-2. preset ``drop``                                            -> drop the key from the output
+1. preset ``drop``                                            -> drop the key from the output
+2. structure: not floating point, not a ``.weight``, not 2-D  -> keep (no rule can override)
 3. ``BASE.protect`` + preset ``protect`` (norms, embeddings, keys the loader reads shapes or
    dtypes from, whole VAE/CLIP components)                    -> keep (no rule can override)
 4. layer-config rule, first match in file order               -> its format, or keep (``skip``)

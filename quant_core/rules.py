@@ -282,8 +282,20 @@ class _Resolver:
 
     # --- presets per component -----------------------------------------------------------
     def _choose_presets(self) -> None:
+        """Detected preset per component; an explicit preset replaces it on the parts of its
+        role (or on the only part there is), with a warning where it contradicts detection."""
         explicit = self.options.preset
-        used_explicit = False
+        parts = [c for c in self.detection.components if c.role not in (VAE, CLIP)]
+        targets: set[str] = set()
+        if explicit != "auto":
+            targets = {c.prefix for c in parts if _role_accepts(PRESET_BY_NAME[explicit], c)}
+            if not targets and len(parts) == 1:
+                targets = {parts[0].prefix}
+            if not targets:
+                self.notes.append(
+                    f"preset {explicit!r} ({PRESET_BY_NAME[explicit].role}) matches no part of "
+                    "this file; the detected presets apply"
+                )
         for c in self.detection.components:
             name = c.preset
             if c.role in (VAE, CLIP):
@@ -293,9 +305,8 @@ class _Resolver:
                         f"{c.label} {c.where} stays unquantized: ComfyUI loads a quantized "
                         "CLIP silently wrong"
                     )
-            elif explicit != "auto" and _role_accepts(PRESET_BY_NAME[explicit], c):
+            elif c.prefix in targets:
                 name = explicit
-                used_explicit = True
                 if c.arch is not None and not c.fits(explicit):
                     self.notes.append(
                         f"preset {explicit!r} does not fit the detected {c.label} {c.where} "
@@ -310,11 +321,6 @@ class _Resolver:
                 )
             self.preset_names[c.prefix] = name
             self.compiled[c.prefix] = _compile_preset(PRESET_BY_NAME[name], c)
-        if explicit != "auto" and not used_explicit:
-            self.notes.append(
-                f"preset {explicit!r} ({PRESET_BY_NAME[explicit].role}) matches no part of this "
-                "file; the detected presets apply"
-            )
 
     # --- one key ---------------------------------------------------------------------------
     def decide(self, key: str, info: TensorInfo) -> Decision:

@@ -319,6 +319,10 @@ def test_explicit_preset_that_contradicts_detection_warns_and_applies(plan_of: P
     assert action(p, "final_layer.linear.weight") is Q
     compatible = plan_of("flux1-dev", rules=RuleOptions(preset="distillation_large"))
     assert not any("does not fit" in n for n in compatible.notes)
+    # A text-encoder preset on a file with a single part is applied as asked too.
+    t5 = plan_of("flux1-dev", rules=RuleOptions(preset="t5xxl"))
+    assert any("'t5xxl' does not fit the detected Flux.1 dev" in n for n in t5.notes)
+    assert action(t5, "img_in.weight") is Q  # only the base rules and T5's rules applied
 
 
 def test_detection_reads_no_tensor_data(model_file: Callable[[str], Path]) -> None:

@@ -248,6 +248,16 @@ def test_explicit_preset_applies_only_to_parts_of_its_role() -> None:
     }
     assert d(ds, "text_encoders.t5xxl.transformer.lm_head.weight").drop
     assert not any("does not fit" in n for n in ds.notes)
+    # Two text encoders and a diffusion-model preset: nothing to apply it to, and it says so.
+    two_te = {
+        f"text_encoders.{te}.transformer.{k}": TensorInfo(
+            f"text_encoders.{te}.transformer.{k}", "BF16", (16, 16))
+        for te, k in (("t5xxl", "encoder.block.0.layer.0.SelfAttention.q.weight"),
+                      ("llama", "model.layers.0.self_attn.q_proj.weight"))
+    }  # fmt: skip
+    ds = decide(two_te, rules=rules(preset="wan"))
+    assert any("'wan' (diffusion) matches no part of this file" in n for n in ds.notes)
+    assert set(ds.presets.values()) == {"t5xxl", "base"}
 
 
 # --- dtype overrides ----------------------------------------------------------------------
