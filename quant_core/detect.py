@@ -289,9 +289,11 @@ class Detection:
 
 
 def layer_families(keys: Iterable[str], limit: int = 6) -> list[str]:
-    """Most common key shapes with block indices folded: ``blocks.N.attn.qkv.weight``."""
-    counts = Counter(re.sub(r"\.\d+(?=\.|$)", ".N", k) for k in keys)
-    return [f"{name} (x{n})" if n > 1 else name for name, n in counts.most_common(limit)]
+    """Most common modules with block indices folded: ``blocks.N.attn.qkv (x24)``."""
+    modules = {re.sub(r"\.(?:weight|bias)$", "", k) for k in keys}
+    counts = Counter(re.sub(r"\.\d+(?=\.|$)", ".N", m) for m in modules)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
+    return [f"{name} (x{n})" if n > 1 else name for name, n in ranked]
 
 
 def split_components(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
