@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .quant_core import (
     detect,
     dry_run,
     formats,
+    plan_model,
     presets,
     quantize_model,
 )
@@ -35,8 +37,6 @@ from .quant_core.rules import RuleOptions, layer_config_template
 
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130
-
-log = logging.getLogger("comfy-quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,6 +356,13 @@ def run(args: argparse.Namespace) -> Report:
     output = Path(args.output) if args.output else default_output(input_path, config)
     dry = args.dry_run or bool(args.layer_config_template)
     with SafetensorsSource(input_path) as source:
+        plan = plan_model(source, config)  # header only: warn before any long work starts
+        if not plan.stock_loadable:
+            print(
+                "comfy-quantize: WARNING: the output NEEDS the comfyui-quantizer pack to load in "
+                f"ComfyUI (pack-only formats: {', '.join(plan.pack_only_formats)})",
+                file=sys.stderr,
+            )
         if args.layer_config_template:
             template = layer_config_template(source.name, source.tensors(), config)
             Path(args.layer_config_template).write_text(
@@ -371,8 +378,6 @@ def run(args: argparse.Namespace) -> Report:
                 )
             finally:
                 bar.close()
-    if not report.stock_loadable:
-        log.warning("WARNING: %s", report.loadability())
     print(report.table(all_layers=args.all_layers))
     print(report.summary())
     if not dry:
@@ -392,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args)
     except QuantError as e:
         if args.verbose:
-            log.exception("comfy-quantize: error")
+            traceback.print_exc()
         print(f"comfy-quantize: error: {e}", file=sys.stderr)
         return EXIT_CANCELLED if isinstance(e, Cancelled) else EXIT_ERROR
     except KeyboardInterrupt:

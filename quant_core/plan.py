@@ -162,7 +162,9 @@ def _entry(info: TensorInfo, decision: Decision, config: QuantConfig) -> PlanEnt
             reason=decision.reason,
         )
     layer = comfy_quant.layer_name(info.name)
-    settings = comfy_quant.settings_for(decision.fmt)
+    settings = comfy_quant.settings_for(
+        decision.fmt, full_precision_matrix_mult=decision.weight_only
+    )
     specs = comfy_quant.output_specs(layer, info.shape, decision.fmt, settings)
     return PlanEntry(
         key=info.name,

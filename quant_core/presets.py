@@ -17,8 +17,9 @@ Precedence, first that applies wins (``rules.py`` implements it, tests pin it):
 8. ``--heur`` (tiny or extreme aspect ratio)                  -> keep
 9. layer-config ``_default`` or the primary format            -> quantize
 
-A chosen format must fit the shape (both sides multiples of 16 for the 8-bit matmul, of the
-block size for block scaling); if not, ``--fallback`` is used when it fits, else the layer stays.
+A chosen format's 8-bit matmul needs both sides of the weight to be multiples of 16; a layer
+that is not stays, or with ``--fallback`` is stored weight-only in that format. (Block scaling
+takes any such shape: blocks that do not tile it get a padded scale grid.)
 ``dtype`` overrides apply to every tensor that stays (whatever the reason) before
 ``--output-dtype``.
 """

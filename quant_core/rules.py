@@ -9,7 +9,6 @@ decisions. The precedence of the tiers is documented in :mod:`.presets` and impl
 from __future__ import annotations
 
 import enum
-import logging
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -28,10 +27,9 @@ from .source import TensorInfo
 if TYPE_CHECKING:
     from .config import QuantConfig
 
-log = logging.getLogger(__name__)
-
 # 8-bit matmul kernels (cuBLASLt FP8, comfy-kitchen INT8) need both dimensions to be multiples
-# of 16; block scaling additionally needs whole blocks.
+# of 16. Block scaling needs no more: a shape the blocks do not tile gets a padded scale grid
+# (formats.py), which the pack's runtime loads.
 MATMUL_ALIGNMENT = 16
 # --heur: below this many weights the saving is under 64 KiB and not worth a scale per layer.
 HEUR_MIN_WEIGHTS = 1 << 16
@@ -60,7 +58,9 @@ class Decision:
 
     ``keep_dtype`` (kept tensors only) is the safetensors dtype to write, set by a preset's
     dtype override; ``None`` lets ``--output-dtype`` decide. ``rounding`` is ``nearest`` or
-    ``learned`` per layer.
+    ``learned`` per layer. ``weight_only`` layers are stored 8-bit but multiplied in full
+    precision (``full_precision_matrix_mult``): the ``--fallback`` for shapes the 8-bit matmul
+    cannot take.
     """
 
     fmt: Format | None
@@ -69,6 +69,7 @@ class Decision:
     drop: bool = False
     keep_dtype: str | None = None
     tier: Tier = Tier.DEFAULT
+    weight_only: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,8 +81,8 @@ class RuleOptions:
     - ``custom_layers`` + ``custom_type`` (``custom_scaling``, ``custom_block_size``): layers
       whose name matches the regex get that format (default scaling/block: the primary's)
     - ``exclude_layers``: layers whose name matches stay in high precision
-    - ``fallback``: ``fp8`` (per tensor) or ``int8`` (per row), for layers the chosen format
-      cannot take (block size does not divide the shape)
+    - ``fallback``: ``fp8`` (per tensor) or ``int8`` (per row), stored weight-only, for layers
+      whose shape the 8-bit matmul cannot take (a side not a multiple of 16)
     - ``heur``: keep layers too small or too thin for 8-bit to pay off
     - ``fullmatch``: layer-config patterns must match the whole layer name
 
@@ -143,8 +144,7 @@ class RuleOptions:
         scaling = spec.scaling or (Scaling.TENSOR if kind is Kind.FP8 else Scaling.ROW)
         if scaling is Scaling.BLOCK:
             raise ConfigError(
-                "--fallback: must be a per-tensor or per-row format (any aligned shape fits it), "
-                f"not {self.fallback!r}"
+                f"--fallback: must be a per-tensor or per-row format, not {self.fallback!r}"
             )
         return Format(kind, scaling)
 
@@ -164,15 +164,10 @@ class Decisions:
 
 
 def shape_problem(fmt: Format, shape: tuple[int, ...]) -> str | None:
-    """Why ``fmt`` cannot take a ``[out, in]`` weight of ``shape`` (``None`` if it can)."""
+    """Why ``fmt``'s 8-bit matmul cannot take a ``[out, in]`` weight (``None`` if it can)."""
     out_features, in_features = shape
     if out_features % MATMUL_ALIGNMENT or in_features % MATMUL_ALIGNMENT:
         return f"shape {out_features}x{in_features} is not a multiple of 16 (8-bit matmul)"
-    if fmt.scaling is Scaling.BLOCK:
-        b = fmt.block_size
-        assert b is not None
-        if out_features % b or in_features % b:
-            return f"shape {out_features}x{in_features} is not a multiple of block size {b}"
     return None
 
 
@@ -197,8 +192,6 @@ def decide_all(source_name: str, infos: Mapping[str, TensorInfo], config: QuantC
     resolver = _Resolver(detection, config)
     by_key = {key: resolver.decide(key, info) for key, info in infos.items()}
     notes = resolver.notes + resolver.summary_notes(by_key)
-    for note in notes:
-        log.warning("%s: %s", source_name, note)
     return Decisions(detection, by_key, resolver.preset_names, tuple(notes))
 
 
@@ -377,15 +370,15 @@ class _Resolver:
         rel: str,
         info: TensorInfo,
     ) -> Decision:
-        """``fmt`` if it fits the shape, else the fallback if that fits, else keep."""
+        """``fmt`` if its matmul takes the shape, else the weight-only fallback, else keep."""
         problem = shape_problem(fmt, info.shape)
         if problem is None:
             return Decision(fmt, source, rounding, tier=tier)
         fb = self.fallback
-        if fb is not None and shape_problem(fb, info.shape) is None:
-            self.fell_back[f"{fmt.label} -> {fb.label}"] += 1
-            reason = f"{fmt.label} cannot take it ({problem}); --fallback {fb.label}"
-            return Decision(fb, reason, self.config.rounding, tier=tier)
+        if fb is not None:
+            self.fell_back[fb.label] += 1
+            reason = f"{problem}; --fallback {fb.label}, weight-only"
+            return Decision(fb, reason, self.config.rounding, tier=tier, weight_only=True)
         self.unfit[fmt.label] += 1
         return self._keep(problem, tier, rules, rel, info)
 
@@ -421,8 +414,9 @@ class _Resolver:
     # --- notes after all keys -----------------------------------------------------------
     def summary_notes(self, by_key: Mapping[str, Decision]) -> list[str]:
         notes = [
-            f"{n} layer(s) used the fallback {what} (the chosen format cannot take their shape)"
-            for what, n in self.fell_back.items()
+            f"{n} layer(s) the 8-bit matmul cannot take (a side not a multiple of 16) are stored "
+            f"in the fallback {label}, weight-only (full_precision_matrix_mult)"
+            for label, n in self.fell_back.items()
         ]
         notes += [
             f"{n} layer(s) matched by {who} stay unquantized anyway: no rule can quantize norms, "
@@ -432,8 +426,8 @@ class _Resolver:
         for label, n in self.unfit.items():
             hint = "" if self.fallback is not None else "; --fallback fp8|int8 would quantize them"
             notes.append(
-                f"{n} layer(s) stay unquantized: {label} cannot take their shape (not a multiple "
-                f"of 16, or of the block size){hint}"
+                f"{n} layer(s) stay unquantized: the 8-bit matmul of {label} cannot take their "
+                f"shape (a side not a multiple of 16){hint}"
             )
         drops = sum(d.drop for d in by_key.values())
         if drops:

@@ -27,7 +27,11 @@ CODE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8}
 @pytest.fixture
 def model(write_model: Callable[..., Path], tiny_archs: ModuleType) -> Callable[[str], Path]:
     def _file(name: str) -> Path:
-        return write_model(tiny_archs.BUILDERS[name](), name=f"{name}.safetensors")
+        tensors = tiny_archs.BUILDERS[name]()
+        if name == "t5-xxl":  # a layer no 8-bit matmul takes (24 is not a multiple of 16)
+            odd = torch.randn(40, 24, generator=torch.Generator().manual_seed(1)) * 0.05
+            tensors["encoder.block.1.layer.0.SelfAttention.extra.weight"] = odd.bfloat16()
+        return write_model(tensors, name=f"{name}.safetensors")
 
     return _file
 
@@ -52,7 +56,7 @@ def expected_scale_shape(scaling: str, shape: list[int]) -> list[int]:
     [
         # A full checkpoint: quantized model and T5, CLIP and VAE kept, kept floats cast to fp16.
         ("flux-checkpoint", ["--output-dtype", "fp16"]),
-        # T5 with its decoder (dropped), INT8 blocks with a per-row fallback for thin layers.
+        # T5 with its decoder (dropped), INT8 blocks, a weight-only fallback for an odd shape.
         ("t5-xxl", ["--int8", "--scaling-mode", "block", "--block_size", "32", "--fallback",
                     "int8"]),
         # Tiers: a layer config, custom layers, exclusions and --heur together.
@@ -132,6 +136,8 @@ def test_dry_run_plan_equals_what_the_conversion_writes(
         assert scale.get_shape() == expected_scale_shape(layer["scaling"], layer["shape"])
         settings = comfy_quant[base + ".comfy_quant"]
         assert settings["format"] == layer["format"]
+        weight_only = "weight-only" in layer["reason"]
+        assert settings.get("full_precision_matrix_mult", False) is weight_only
         if "block" in layer["scaling"]:
             assert settings["group_size"] == int(layer["scaling"].split("block")[1])
         nbytes = sum(
@@ -143,6 +149,8 @@ def test_dry_run_plan_equals_what_the_conversion_writes(
     assert "quantize" in actions and "keep" in actions
     if name == "t5-xxl":
         assert "drop" in actions
+        extra = next(r for r in plan["layers"] if r["name"].endswith("SelfAttention.extra"))
+        assert extra["action"] == "quantize" and extra["scaling"] == "int8/row"
 
 
 def _itemsize(dtype: str) -> int:

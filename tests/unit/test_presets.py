@@ -196,23 +196,24 @@ def test_fullmatch_versus_search() -> None:
 # --- shapes, fallback, heur -------------------------------------------------------------
 
 
-def test_shape_problem_and_fallback() -> None:
+def test_shape_problem_and_weight_only_fallback() -> None:
     b128 = Format(Kind.INT8, Scaling.BLOCK, 128)
-    assert shape_problem(b128, (256, 128)) is None
-    assert "block size 128" in (shape_problem(b128, (256, 160)) or "")
+    # Blocks that do not tile the weight get a padded scale grid: not a problem.
+    assert shape_problem(b128, (256, 160)) is None
     assert "multiple of 16" in (shape_problem(FP8, (40, 24)) or "")
     ds = decide(kind="int8", scaling="block", block_size=64)
-    # 224x32 does not tile into 64x64 blocks: kept, with a note that suggests --fallback.
-    linear1 = d(ds, "single_blocks.0.linear1.weight")
-    assert linear1.fmt is None and "block size 64" in linear1.reason
+    assert d(ds, "single_blocks.0.linear1.weight").fmt == Format(Kind.INT8, Scaling.BLOCK, 64)
+    # 40x24 fits no 8-bit matmul: kept, and the note says what --fallback would do.
+    odd = d(ds, "single_blocks.0.odd.weight")
+    assert odd.fmt is None and "not a multiple of 16" in odd.reason
     assert any("--fallback" in n for n in ds.notes)
     ds = decide(kind="int8", scaling="block", block_size=64, rules=rules(fallback="int8"))
-    linear1 = d(ds, "single_blocks.0.linear1.weight")
-    assert linear1.fmt == INT8_ROW and "fallback" in linear1.reason
-    assert d(ds, "single_blocks.0.square.weight").fmt == Format(Kind.INT8, Scaling.BLOCK, 64)
-    # 40x24 fits no 8-bit matmul: even the fallback cannot take it.
-    assert d(ds, "single_blocks.0.odd.weight").fmt is None
-    assert any("used the fallback int8/block64 -> int8/row" in n for n in ds.notes)
+    odd = d(ds, "single_blocks.0.odd.weight")
+    assert odd.fmt == INT8_ROW and odd.weight_only and "--fallback int8/row" in odd.reason
+    assert not d(ds, "single_blocks.0.linear1.weight").weight_only
+    assert any("1 layer(s) the 8-bit matmul cannot take" in n for n in ds.notes)
+    fp8 = d(decide(rules=rules(fallback="fp8")), "single_blocks.0.odd.weight")
+    assert fp8.fmt == FP8 and fp8.weight_only
 
 
 def test_heur_keeps_tiny_and_thin_layers_with_the_reason() -> None:
@@ -314,8 +315,7 @@ def test_block_size_without_block_scaling_fails_when_the_scaling_is_inherited() 
         decide(rules=custom)  # primary is fp8 per tensor
     ds = decide(kind="int8", scaling="block", block_size=32, rules=custom)
     assert d(ds, "double_blocks.0.img_mlp.0.weight").fmt == Format(Kind.INT8, Scaling.BLOCK, 32)
-    qkv = d(ds, "double_blocks.0.img_attn.qkv.weight")
-    assert qkv.fmt is None and "block size 64" in qkv.reason  # 96x32 does not tile 64x64
+    assert d(ds, "double_blocks.0.img_attn.qkv.weight").fmt == Format(Kind.INT8, Scaling.BLOCK, 64)
 
 
 def test_selectable_presets_exclude_the_detection_only_ones() -> None:
