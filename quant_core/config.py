@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ConfigError
 from .formats import Format, Kind, Scaling
+from .rules import RuleOptions
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -38,6 +39,7 @@ class QuantConfig:
     seed: int = 0
     upgrade_legacy: bool = False
     cpu_threads: int | None = None
+    rules: RuleOptions = field(default_factory=RuleOptions)
 
     def __post_init__(self) -> None:
         try:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import comfy_quant, formats
-from .config import OUTPUT_DTYPES, QuantConfig
+from . import comfy_quant, dtypes, formats
+from .config import QuantConfig
 from .errors import Cancelled, InputError, at
 from .plan import Action, Plan, PlanEntry, build_plan
 from .report import LayerReport, Report
@@ -176,7 +176,7 @@ def _run_entry(
         out = entry.outputs[0]
         tensor = inputs[entry.key]
         if out.dtype != entry.inputs[0].dtype:
-            tensor = tensor.to(OUTPUT_DTYPES[config.output_dtype])  # type: ignore[index]
+            tensor = tensor.to(dtypes.to_torch(out.dtype))  # the plan's dtype, overrides included
         return {out.name: tensor}
     if entry.action is Action.UPGRADE_LEGACY:
         return _upgrade_legacy(entry, inputs)
