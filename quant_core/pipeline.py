@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import comfy_quant, formats
+from . import comfy_quant, dispatch, formats
 from .config import OUTPUT_DTYPES, QuantConfig
 from .errors import Cancelled, InputError, at
 from .plan import Action, Plan, PlanEntry, build_plan
@@ -119,7 +119,13 @@ def _quantize_entry(
     assert fmt is not None and entry.settings is not None
     weight = source.read(entry.key).to(device)
     try:
-        codes, scale = formats.quantize(weight, fmt)
+        # --- kernels (issue 5): on CUDA, RTN goes through the dispatcher (Triton if usable) ---
+        if weight.is_cuda:
+            rep.extra["quantize_backend"] = dispatch.choose_quantize(weight, fmt).backend
+            codes, scale = dispatch.quantize(weight, fmt)
+        else:
+            codes, scale = formats.quantize(weight, fmt)
+        # --- end kernels ---
     except formats.NonFiniteWeightError:
         raise InputError(f"{at(source.name, entry.layer)}: weight contains NaN or Inf") from None
     rep.weight_sqnr_db = formats.error_energy(weight, codes, scale, fmt).sqnr_db
