@@ -60,21 +60,33 @@ def _scale_from_amax(amax, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _encode(x, s, inv, FP8: tl.constexpr):
-    """float32 ``x / s`` rounded onto the code grid, as codes (int8 or e4m3); ``inv = RN(1/s)``.
+def _division_setup(scale):
+    """Per-group constants for ``_encode``: ``k`` lifts a tiny group (below 2**-60, i.e. fp32
+    subnormal values) by 2**64 so that the residuals in ``_encode`` stay exact, and
+    ``inv = RN(1 / (scale * k))``. (Branch-free on purpose: FP8 codes yielded out of a
+    runtime ``if`` came out wrong on an H200 with Triton 3.6; see bench/KERNELS_NOTES.md.)"""
+    k = tl.where(scale < 8.673617379884035e-19, 18446744073709551616.0, 1.0)
+    return k, scale * k, tl.math.div_rn(1.0, scale * k)
 
-    ``x / s`` is the IEEE quotient without a division per element: ``q = x * inv`` is within
-    2 ulp, one exact-residual FMA correction makes it faithful, a second one makes it correctly
-    rounded (Markstein). No clamp is needed: ``|x| <= amax`` and ``s = RN(amax / qmax)`` keep
-    ``|q| <= qmax * (1 + 2**-23)``, which rounds to ``qmax``.
+
+@triton.jit
+def _encode(x, k, s, inv, FP8: tl.constexpr, SIGN_FROM_X: tl.constexpr):
+    """float32 ``x / scale`` rounded onto the code grid, as codes (int8 or e4m3).
+
+    ``x / scale`` is the IEEE quotient without a division per element: with ``xs = x * k``
+    (exact), ``q = xs * inv`` is within 2 ulp, one exact-residual FMA correction makes it
+    faithful, a second one correctly rounded (Markstein). ``|q| <= qmax * (1 + 2**-23)``
+    because ``|x| <= amax`` and ``scale = RN(amax / qmax)``, so INT8 needs no clamp.
     """
-    q = x * inv
-    q = tl.fma(tl.fma(-q, s, x), inv, q)
-    q = tl.fma(tl.fma(-q, s, x), inv, q)
+    xs = x * k
+    q = xs * inv
+    q = tl.fma(tl.fma(-q, s, xs), inv, q)
+    q = tl.fma(tl.fma(-q, s, xs), inv, q)
     if FP8:
         # Round onto the E4M3 grid in float32: the spacing around |q| = 1.m * 2**e is
         # 2**(e-3) (at least 2**-9, subnormals); as biased exponents step = max(E - 3, 118).
         # |q| / step < 2**5 is exact and so is the 1.5*2**23 rounding trick on it.
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
         bits = q.to(tl.int32, bitcast=True)
         mag_bits = bits & 0x7FFFFFFF
         step_e = tl.maximum((mag_bits >> 23) - 3, 118)
@@ -82,28 +94,14 @@ def _encode(x, s, inv, FP8: tl.constexpr):
         inv_step = ((254 - step_e) << 23).to(tl.float32, bitcast=True)
         mag = mag_bits.to(tl.float32, bitcast=True)
         r = ((mag * inv_step + 12582912.0) - 12582912.0) * step
-        # The sign is x's: q may have lost the sign of a -0.0 input in the corrections.
-        r_bits = r.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & -2147483648)
+        # The sign of x: the corrections turn a -0.0 input into q = +0.0.
+        sign_src = x.to(tl.int32, bitcast=True) if SIGN_FROM_X else bits
+        r_bits = r.to(tl.int32, bitcast=True) | (sign_src & -2147483648)
         return r_bits.to(tl.float32, bitcast=True).to(tl.float8e4nv)
     else:
         # q + 1.5*2**23 rounds half-to-even; the integer sits in the low mantissa bits and the
         # low byte of 0x4B400000 is zero, so the low byte is the int8 code.
         return (q + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
-
-
-@triton.jit
-def _encode_group(x, scale, FP8: tl.constexpr):
-    """Codes of ``x`` for one scale shared by the whole program (a scalar).
-
-    A group below 2**-60 (fp32-subnormal values) is lifted by 2**64 first so that the residuals
-    in ``_encode`` stay exact; the branch is uniform, so the common path pays nothing.
-    """
-    if scale < 8.673617379884035e-19:
-        big = scale * 18446744073709551616.0
-        codes = _encode(x * 18446744073709551616.0, big, tl.math.div_rn(1.0, big), FP8)
-    else:
-        codes = _encode(x, scale, tl.math.div_rn(1.0, scale), FP8)
-    return codes
 
 
 @triton.jit
@@ -118,18 +116,18 @@ def _absmax_atomic_kernel(x_ptr, amax_bits_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def _quantize_tensor_kernel(
     x_ptr, codes_ptr, amax_bits_ptr, scale_ptr, n, BLOCK: tl.constexpr, FP8: tl.constexpr,
-    QMAX: tl.constexpr,
+    QMAX: tl.constexpr, SIGN_FROM_X: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2: every program derives the same scale from the amax; program 0 stores it.
+    """Pass 2: every program derives the same scale from the amax; the first one stores it.
     Programs run back to front, so the first reads hit what pass 1 left in L2."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     scale = _scale_from_amax(tl.load(amax_bits_ptr).to(tl.float32, bitcast=True), QMAX)
-    if pid == 0:
-        tl.store(scale_ptr, scale)
+    tl.store(scale_ptr, scale, mask=pid == 0)
+    k, s, inv = _division_setup(scale)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(codes_ptr + offs, _encode_group(x, scale, FP8), mask=mask)
+    tl.store(codes_ptr + offs, _encode(x, k, s, inv, FP8, SIGN_FROM_X), mask=mask)
 
 
 @triton.jit
@@ -141,9 +139,9 @@ def _quantize_rows_kernel(
     stride_x,
     stride_c,
     BLOCK_C: tl.constexpr,
-    STAGES: tl.constexpr,
     FP8: tl.constexpr,
     QMAX: tl.constexpr,
+    SIGN_FROM_X: tl.constexpr,
 ):
     """One row per program: absmax sweep, scale, then a quantize sweep (row re-read from L2)."""
     row = tl.program_id(0).to(tl.int64)
@@ -151,19 +149,20 @@ def _quantize_rows_kernel(
     c_row = codes_ptr + row * stride_c
     cols = tl.arange(0, BLOCK_C)
     amax_bits = tl.zeros([BLOCK_C], dtype=tl.int32)
-    for start in tl.range(0, n_cols, BLOCK_C, num_stages=STAGES):
+    for start in range(0, n_cols, BLOCK_C):
         x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
         amax_bits = tl.maximum(amax_bits, _abs_bits(x))
     scale = _scale_from_amax(tl.max(amax_bits, 0).to(tl.float32, bitcast=True), QMAX)
     tl.store(scale_ptr + row, scale)
-    for start in tl.range(0, n_cols, BLOCK_C, num_stages=STAGES):
+    k, s, inv = _division_setup(scale)
+    for start in range(0, n_cols, BLOCK_C):
         mask = start + cols < n_cols
         x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(c_row + start + cols, _encode_group(x, scale, FP8), mask=mask)
+        tl.store(c_row + start + cols, _encode(x, k, s, inv, FP8, SIGN_FROM_X), mask=mask)
 
 
 @triton.jit
-def _quantize_blocks_kernel(
+def _quantize_groups_kernel(
     x_ptr,
     codes_ptr,
     scale_ptr,
@@ -171,67 +170,39 @@ def _quantize_blocks_kernel(
     n_cols,
     stride_x,
     stride_c,
-    stride_s,
-    B: tl.constexpr,
-    TILES: tl.constexpr,
-    STAGES: tl.constexpr,
-    FP8: tl.constexpr,
-    QMAX: tl.constexpr,
-):
-    """``TILES`` vertically adjacent ``B x B`` blocks per program, one held in registers at a
-    time (``STAGES`` > 1 lets Triton prefetch the next block while this one is encoded)."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * B + tl.arange(0, B)
-    col_ok = cols < n_cols
-    for t in tl.range(0, TILES, num_stages=STAGES):
-        block_r = pid_r * TILES + t
-        rows = block_r.to(tl.int64) * B + tl.arange(0, B)
-        mask = (rows[:, None] < n_rows) & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        amax = tl.max(tl.max(_abs_bits(x), 1), 0).to(tl.float32, bitcast=True)
-        scale = _scale_from_amax(amax, QMAX)
-        tl.store(scale_ptr + block_r * stride_s + pid_c, scale, mask=block_r * B < n_rows)
-        tl.store(
-            codes_ptr + rows[:, None] * stride_c + cols[None, :],
-            _encode_group(x, scale, FP8),
-            mask=mask,
-        )
-
-
-@triton.jit
-def _quantize_act_kernel(
-    x_ptr,
-    codes_ptr,
-    scale_ptr,
-    n_rows,
-    n_cols,
-    stride_x,
-    stride_c,
+    stride_s_row,
+    stride_s_col,
     TILE_R: tl.constexpr,
-    B: tl.constexpr,
+    TILE_C: tl.constexpr,
+    PER_ROW: tl.constexpr,
     FP8: tl.constexpr,
     QMAX: tl.constexpr,
+    SIGN_FROM_X: tl.constexpr,
 ):
-    """Activations: a ``TILE_R x B`` tile, one ``1 x B`` group per row; the scale is stored
-    K-block-major (``scale[kb, row]``)."""
+    """One ``TILE_R x TILE_C`` tile per program, held in registers.
+
+    ``PER_ROW``: each row of the tile is a ``1 x TILE_C`` group (activations, scale index
+    ``[row, col_block]``); else the whole tile is one group (weights, ``[row_block, col_block]``).
+    """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r.to(tl.int64) * TILE_R + tl.arange(0, TILE_R)
-    cols = pid_c * B + tl.arange(0, B)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    cols = pid_c * TILE_C + tl.arange(0, TILE_C)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
-    scale = _scale_from_amax(_absmax(x, 1), QMAX)
-    tl.store(scale_ptr + pid_c * n_rows + rows, scale, mask=row_ok)
-    if tl.min(scale, 0) < 8.673617379884035e-19:  # uniform: some group of the tile is tiny
-        k = tl.where(scale < 8.673617379884035e-19, 18446744073709551616.0, 1.0)
-        s = scale * k
-        codes = _encode(x * k[:, None], s[:, None], tl.math.div_rn(1.0, s)[:, None], FP8)
+    if PER_ROW:
+        scale = _scale_from_amax(_absmax(x, 1), QMAX)
+        tl.store(scale_ptr + rows * stride_s_row + pid_c * stride_s_col, scale, mask=rows < n_rows)
+        k, s, inv = _division_setup(scale)
+        codes = _encode(x, k[:, None], s[:, None], inv[:, None], FP8, SIGN_FROM_X)
     else:
-        codes = _encode(x, scale[:, None], tl.math.div_rn(1.0, scale)[:, None], FP8)
+        scale = _scale_from_amax(
+            tl.max(tl.max(_abs_bits(x), 1), 0).to(tl.float32, bitcast=True), QMAX
+        )
+        tl.store(scale_ptr + pid_r * stride_s_row + pid_c * stride_s_col, scale)
+        k, s, inv = _division_setup(scale)
+        codes = _encode(x, k, s, inv, FP8, SIGN_FROM_X)
     tl.store(codes_ptr + rows[:, None] * stride_c + cols[None, :], codes, mask=mask)
 
 
@@ -262,14 +233,13 @@ def quantize(
     *,
     num_warps: int | None = None,
     block_c: int | None = None,
-    tiles: int | None = None,
-    stages: int | None = None,
+    sign_from_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest ``[out, in]`` -> codes ``[out, in]``, scale F32 in ``fmt.scale_shape``.
 
     Same contract as ``formats.quantize`` except that a NaN/Inf input gives a non-finite scale
     instead of raising (the dispatcher checks and raises). ``w``: bf16/fp16/fp32, 2-D. The
-    keyword-only launch parameters override the measured defaults (benchmarks only).
+    keyword-only parameters override launch shape and FP8 sign source (benchmarks only).
     """
     fp8 = _is_fp8(fmt)
     qmax = _FP8_MAX if fp8 else _INT8_MAX
@@ -279,31 +249,28 @@ def quantize(
     codes = torch.empty(rows, cols, dtype=_code_dtype(fp8), device=w.device)
     scaling = _scaling(fmt)
     if scaling == "tensor":
-        return _quantize_tensor(w, codes, fp8, qmax)
+        return _quantize_tensor(w, codes, fp8, qmax, sign_from_x)
     if scaling == "row":
         scale = torch.empty(rows, 1, dtype=torch.float32, device=w.device)
         _quantize_rows_kernel[(rows,)](
             w, codes, scale, cols, w.stride(0), codes.stride(0),
-            BLOCK_C=block_c or _row_block(cols), STAGES=stages or 1, FP8=fp8, QMAX=qmax,
+            BLOCK_C=block_c or _row_block(cols), FP8=fp8, QMAX=qmax, SIGN_FROM_X=sign_from_x,
             num_warps=num_warps or (8 if cols >= 8192 else 4),
         )  # fmt: skip
         return codes, scale
     b = int(fmt.block_size)  # type: ignore[attr-defined]
-    scale = torch.empty(
-        math.ceil(rows / b), math.ceil(cols / b), dtype=torch.float32, device=w.device
-    )
-    tiles = tiles or 1
-    grid = (triton.cdiv(scale.shape[0], tiles), scale.shape[1])
-    _quantize_blocks_kernel[grid](
-        w, codes, scale, rows, cols, w.stride(0), codes.stride(0), scale.stride(0),
-        B=b, TILES=tiles, STAGES=stages or 1, FP8=fp8, QMAX=qmax,
+    grid = (math.ceil(rows / b), math.ceil(cols / b))
+    scale = torch.empty(grid, dtype=torch.float32, device=w.device)
+    _quantize_groups_kernel[grid](
+        w, codes, scale, rows, cols, w.stride(0), codes.stride(0), scale.stride(0), 1,
+        TILE_R=b, TILE_C=b, PER_ROW=False, FP8=fp8, QMAX=qmax, SIGN_FROM_X=sign_from_x,
         num_warps=num_warps or max(1, min(16, b * b // (1024 if fp8 else 2048))),
     )  # fmt: skip
     return codes, scale
 
 
 def _quantize_tensor(
-    w: torch.Tensor, codes: torch.Tensor, fp8: bool, qmax: float
+    w: torch.Tensor, codes: torch.Tensor, fp8: bool, qmax: float, sign_from_x: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not w.is_contiguous():
         w = w.contiguous()
@@ -314,8 +281,9 @@ def _quantize_tensor(
     scale = torch.empty((), dtype=torch.float32, device=w.device)
     _absmax_atomic_kernel[(n_prog,)](w, amax_bits, n, BLOCK=block, num_warps=8)
     _quantize_tensor_kernel[(n_prog,)](
-        w, codes, amax_bits, scale, n, BLOCK=block, FP8=fp8, QMAX=qmax, num_warps=8
-    )
+        w, codes, amax_bits, scale, n,
+        BLOCK=block, FP8=fp8, QMAX=qmax, SIGN_FROM_X=sign_from_x, num_warps=8,
+    )  # fmt: skip
     return codes, scale
 
 
@@ -326,6 +294,7 @@ def quantize_activations(
     block_size: int,
     tile_r: int | None = None,
     num_warps: int | None = None,
+    sign_from_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per ``1 x B`` groups along K: ``[M, K]`` -> codes ``[M, K]``, scale ``[M, ceil(K/B)]`` F32.
 
@@ -339,9 +308,9 @@ def quantize_activations(
     codes = torch.empty(m, k, dtype=_code_dtype(fp8), device=x.device)
     scale_t = torch.empty(kb, m, dtype=torch.float32, device=x.device)
     tile_r = tile_r or max(1, min(32, 4096 // block_size))
-    _quantize_act_kernel[(triton.cdiv(m, tile_r), kb)](
-        x, codes, scale_t, m, k, x.stride(0), codes.stride(0),
-        TILE_R=tile_r, B=block_size, FP8=fp8, QMAX=_FP8_MAX if fp8 else _INT8_MAX,
-        num_warps=num_warps or 4,
+    _quantize_groups_kernel[(triton.cdiv(m, tile_r), kb)](
+        x, codes, scale_t, m, k, x.stride(0), codes.stride(0), 1, scale_t.stride(0),
+        TILE_R=tile_r, TILE_C=block_size, PER_ROW=True, FP8=fp8,
+        QMAX=_FP8_MAX if fp8 else _INT8_MAX, SIGN_FROM_X=sign_from_x, num_warps=num_warps or 4,
     )  # fmt: skip
     return codes, scale_t.t()
