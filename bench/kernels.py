@@ -252,8 +252,8 @@ def check_gemm() -> None:
                         x, codes, scale, fmt, bias, torch.float32, backend=be
                     )
                 except dispatch.BackendUnavailableError as exc:
-                    # Expected off a Hopper GPU (e.g. the CPU smoke run); a failure on one.
-                    ok = DEV.type != "cuda"
+                    # Expected off a Hopper GPU (CPU smoke run) or for shapes cuBLAS can't take.
+                    ok = DEV.type != "cuda" or (k % 512 != 0 or n % 128 != 0)
                     check(f"gemm {fmt.label} {be} ({m},{k},{n})", ok, skipped=str(exc)[:200])
                     continue
                 e_q64 = rel(got, q64)

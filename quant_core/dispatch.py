@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -60,12 +59,12 @@ class Choice:
 @functools.cache
 def _triton_import_problem() -> str | None:
     """Why Triton cannot be used at all (None when it imports)."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
     try:
         importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
     except Exception as exc:  # a broken install must not break the pack
-        return f"import triton failed: {exc}"
+        return f"import triton failed: {type(exc).__name__}: {exc}"
     return None
 
 
