@@ -91,7 +91,8 @@ def test_leading_dims_bias_and_output_dtypes(kernel_device: torch.device) -> Non
         )  # fmt: skip
         ref = matmul.block_scaled_linear_reference(x.view(2, 20, 192), codes, scale, fmt, bias, out)
         assert got.shape == (2, 20, 64) and got.dtype == (out or torch.bfloat16)
-        assert rel(got, ref) < 2e-3
+        # One output rounding apart (Triton's interpreter truncates float32 -> bf16).
+        assert rel(got, ref) < (8e-3 if out is None else 2e-3)
     no_bias = dispatch.block_scaled_linear(
         x3, codes.to(kernel_device), scale.to(kernel_device), fmt, backend="triton"
     )
