@@ -176,13 +176,25 @@ def test_lora_on_pack_formats_and_saving_round_trips(
         # 1. plain save: codes, scales and settings come back bit for bit
         done = with_pack.run(save_graph(files[name].name, f"diffusion_models/plain_{name}"))
         assert done.status == "success", done.events[-1:]
-        saved, _ = read_all(saved_file(with_pack, f"diffusion_models/plain_{name}"))
+        plain = saved_file(with_pack, f"diffusion_models/plain_{name}")
+        saved, _ = read_all(plain)
         prefix = "model.diffusion_model."
         for key, tensor in src_tensors.items():
             if key.endswith(".comfy_quant"):
                 assert decode_settings(saved[prefix + key]) == decode_settings(tensor), key
             elif key.endswith((".weight_scale", ".weight")) and tensor.dtype != torch.bfloat16:
                 assert torch.equal(saved[prefix + key].view(torch.uint8), tensor.view(torch.uint8))
+        # ... and the saved checkpoint loads through CheckpointLoaderSimple too
+        shutil.copy(plain, with_pack.folder("checkpoints") / f"ckpt_{name}.safetensors")
+        graph = sample_graph("unused", latent_prefix=f"c_{name}")
+        graph["1"] = {
+            "class_type": "CheckpointLoaderSimple",
+            "inputs": {"ckpt_name": f"ckpt_{name}.safetensors"},
+        }
+        from_ckpt = sample(with_pack, graph, f"c_{name}")
+        plain_latent = sample(with_pack, sample_graph(files[name].name, latent_prefix=f"p_{name}"),
+                              f"p_{name}")  # fmt: skip
+        assert torch.equal(from_ckpt, plain_latent), f"{name}: checkpoint samples differently"
         # 2. LoRA on the pack format, sampled and saved in one graph
         lat = f"l_{name}"
         graph = lora_graph(
