@@ -249,6 +249,7 @@ def main() -> None:
 
     base = record("bf16", "torch", float_linear(weights, torch.bfloat16), None)
     verdicts = {}
+    layer_errs: dict[tuple[str, str], float] = {}
     for name in [f for f in args.formats.split(",") if f]:
         fmt = layout_math.format_for(name, args.block)
         packed = {}
@@ -258,7 +259,19 @@ def main() -> None:
                 packed[layer] = (codes, scale, fmt)
         exact = pack_linear(weights, packed, full_precision=True)
         deq = record(f"{name} (dequantize)", "dequantize", exact, base["ms_median"])
-        backend = layout_math.linear_backend(device)
+        probe_layer = next(iter(packed))
+        codes, scale, _ = packed[probe_layer]
+        gx = torch.Generator(device=device).manual_seed(args.seed + 2)
+        x = torch.randn(4608, codes.shape[1], generator=gx, device=device).bfloat16()
+        backend = layout_math.linear_backend(x, codes, fmt)
+        # one layer alone, against float64 of the same codes (the kernel adds only the
+        # activation quantization; the dequantize path only bf16 rounding)
+        want = x.double() @ formats.dequantize(codes, scale, fmt).double().T
+        for full in (True, False):
+            got = layout_math.linear(
+                x, codes, scale, fmt, None, torch.bfloat16, full_precision=full
+            )
+            layer_errs[(name, "dequantize" if full else backend)] = rel(got, want)
         fast = record(name, backend, pack_linear(weights, packed, full_precision=False),
                       base["ms_median"])  # fmt: skip
         bound = 2.0 * deq["err_v"]
@@ -270,7 +283,8 @@ def main() -> None:
         del packed
 
     result = {"card": card, "shape": s.__dict__, "block": args.block, "torch": torch.__version__,
-              "rows": rows, "verdicts": verdicts}  # fmt: skip
+              "rows": rows, "verdicts": verdicts,
+              "layer_errs": {f"{k[0]} {k[1]}": v for k, v in layer_errs.items()}}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\ncard: {card}  torch {torch.__version__}  shape: {s}")
@@ -278,6 +292,8 @@ def main() -> None:
     for r in rows:
         line = f"{r['variant']:<38}{r['backend']:<12}{r['ms_median']:9.3f}"
         print(line + f"{r['speedup_vs_bf16']:9.3f}{r['err_v']:10.5f}{r['err_next_latent']:10.6f}")
+    for (name, how), err in layer_errs.items():
+        print(f"one layer {name} {how}: rel. error vs float64 {err:.2e}")
     for name, v in verdicts.items():
         ok = v["within_bound"] and v["speedup_ok"]
         print(

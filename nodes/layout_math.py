@@ -8,8 +8,9 @@ codes ``[out, in]`` (I8 / F8_E4M3) and an F32 dequantization factor ``weight_sca
 
 Two ways to run a linear layer on such a weight:
 
-- **kernel** (CUDA, when ``quant_core.dispatch.block_scaled_linear`` exists): activations are
-  quantized per ``1 x B`` on the fly and the block scales applied per K-block in fp32 (W8A8);
+- **kernel** (block formats on CUDA, when ``quant_core.dispatch.block_scaled_linear`` exists):
+  activations are quantized per ``1 x B`` on the fly and the block scales applied per K-block
+  in fp32 (W8A8); row-scaled FP8 has no kernel yet;
 - **dequantize** (everywhere else, and for layers marked ``full_precision_matrix_mult``): the
   weight is rebuilt exactly (``codes * scale`` in fp32, then the compute dtype) and multiplied
   in the compute dtype. This is the reference the e2e tests compare against.
@@ -23,6 +24,8 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -105,26 +108,51 @@ def requantize(
     return quantize_with_scale(w, scale, fmt), scale
 
 
+@dataclass(frozen=True)
+class _Kernel:
+    """``quant_core.dispatch``'s block-scaled linear and, if it has one, its backend chooser."""
+
+    run: BlockScaledLinear
+    choose: Callable[..., Any] | None
+
+
 @functools.lru_cache(maxsize=1)
-def _find_kernel() -> BlockScaledLinear | None:
+def _find_kernel() -> _Kernel | None:
     """``quant_core.dispatch.block_scaled_linear`` if this checkout has it (logged once if not)."""
     try:
-        from ..quant_core.dispatch import block_scaled_linear
+        from ..quant_core import dispatch
     except ImportError as exc:
-        logger.info(
-            "comfyui-quantizer: no block-scaled GEMM kernel (%s); pack-only layers run on the "
-            "exact dequantize path",
-            exc,
-        )
-        return None
-    return block_scaled_linear
+        why = str(exc)
+    else:
+        run = getattr(dispatch, "block_scaled_linear", None)
+        if callable(run):
+            return _Kernel(run=run, choose=getattr(dispatch, "choose_block_linear", None))
+        why = "quant_core.dispatch has no block_scaled_linear"
+    logger.info(
+        "comfyui-quantizer: no block-scaled GEMM kernel (%s); pack-only layers run on the "
+        "exact dequantize path",
+        why,
+    )
+    return None
 
 
-def linear_backend(device: torch.device | str, *, full_precision: bool = False) -> str:
-    """``"kernel"`` or ``"dequantize"``: what :func:`linear` uses for inputs on ``device``."""
-    if full_precision or torch.device(device).type != "cuda":
+def linear_backend(
+    x: torch.Tensor, codes: torch.Tensor, fmt: Format, *, full_precision: bool = False
+) -> str:
+    """``"kernel"`` or ``"dequantize"``: what :func:`linear` runs for these operands.
+
+    The kernel is used for block formats on CUDA, unless the layer is full precision or the
+    dispatcher would only offer its PyTorch reference (which simulates the kernel's activation
+    quantization and is slower than dequantizing; the dispatcher logs why once).
+    """
+    if full_precision or x.device.type != "cuda" or fmt.scaling is not Scaling.BLOCK:
         return "dequantize"
-    return "kernel" if _find_kernel() is not None else "dequantize"
+    kernel = _find_kernel()
+    if kernel is None:
+        return "dequantize"
+    if kernel.choose is not None and kernel.choose(x, codes, fmt).backend == "torch":
+        return "dequantize"
+    return "kernel"
 
 
 def linear(
@@ -139,14 +167,13 @@ def linear(
 ) -> torch.Tensor:
     """``x [..., in] @ W.T + bias -> [..., out]`` in ``out_dtype``, ``W = codes * scale``.
 
-    On CUDA with the kernel available (and the layer not marked full precision) the block-scaled
-    GEMM runs; otherwise the exact dequantize path in ``x.dtype``.
+    :func:`linear_backend` picks the block-scaled GEMM kernel or the exact dequantize path
+    (computed in ``x.dtype``).
     """
-    if linear_backend(x.device, full_precision=full_precision) == "kernel":
+    if linear_backend(x, codes, fmt, full_precision=full_precision) == "kernel":
         kernel = _find_kernel()
         assert kernel is not None
-        x2 = x.reshape(-1, x.shape[-1])
-        y = kernel(x2, codes, scale, fmt, bias, out_dtype)
+        y = kernel.run(x.reshape(-1, x.shape[-1]), codes, scale, fmt, bias, out_dtype)
         return y.reshape(*x.shape[:-1], codes.shape[0])
     w = dequantize_weight(codes, scale, fmt, x.dtype)
     b = bias.to(x.dtype) if bias is not None else None
