@@ -19,6 +19,7 @@ quantizes activations per 1 x B, which the dequantize path does not).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -201,6 +202,40 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def tokens_of(name: str, s: Shape) -> int:
+    """Rows (M) a layer's linear sees in one step."""
+    if "mod" in name:
+        return 1
+    if name.startswith("single_blocks."):
+        return s.img_tokens + s.txt_tokens
+    return s.txt_tokens if ".txt_" in name else s.img_tokens
+
+
+def layer_breakdown(s: Shape, weights, packed, repeats: int) -> list[dict]:
+    """Median time of each distinct block linear ``(M, N, K)`` alone: bf16, pack, dequantize."""
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    for name in packed:
+        n, k = weights[name][0].shape
+        groups.setdefault((tokens_of(name, s), n, k), []).append(name)
+    out = []
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for (m, n, k), names in groups.items():
+        w, b = weights[names[0]]
+        codes, scale, fmt = packed[names[0]]
+        x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
+        row = {"m": m, "n": n, "k": k, "count": len(names), "example": names[0]}
+        with torch.inference_mode():
+            bf16 = functools.partial(F.linear, x, w, b)
+            row["bf16_ms"] = statistics.median(time_step(bf16, repeats))
+            for label, full in (("pack_ms", False), ("dequantize_ms", True)):
+                pack = functools.partial(
+                    layout_math.linear, x, codes, scale, fmt, b, x.dtype, full_precision=full
+                )
+                row[label] = statistics.median(time_step(pack, repeats))
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--double", type=int, default=2)
@@ -250,6 +285,7 @@ def main() -> None:
     base = record("bf16", "torch", float_linear(weights, torch.bfloat16), None)
     verdicts = {}
     layer_errs: dict[tuple[str, str], float] = {}
+    breakdowns: dict[str, list[dict]] = {}
     for name in [f for f in args.formats.split(",") if f]:
         fmt = layout_math.format_for(name, args.block)
         packed = {}
@@ -274,6 +310,8 @@ def main() -> None:
             layer_errs[(name, "dequantize" if full else backend)] = rel(got, want)
         fast = record(name, backend, pack_linear(weights, packed, full_precision=False),
                       base["ms_median"])  # fmt: skip
+        if device == "cuda":
+            breakdowns[name] = layer_breakdown(s, weights, packed, args.repeats)
         bound = 2.0 * deq["err_v"]
         verdicts[name] = {
             "backend": backend, "speedup": fast["speedup_vs_bf16"], "err_v": fast["err_v"],
@@ -284,7 +322,8 @@ def main() -> None:
 
     result = {"card": card, "shape": s.__dict__, "block": args.block, "torch": torch.__version__,
               "rows": rows, "verdicts": verdicts,
-              "layer_errs": {f"{k[0]} {k[1]}": v for k, v in layer_errs.items()}}  # fmt: skip
+              "layer_errs": {f"{k[0]} {k[1]}": v for k, v in layer_errs.items()},
+              "layers": breakdowns}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\ncard: {card}  torch {torch.__version__}  shape: {s}")
@@ -292,6 +331,16 @@ def main() -> None:
     for r in rows:
         line = f"{r['variant']:<38}{r['backend']:<12}{r['ms_median']:9.3f}"
         print(line + f"{r['speedup_vs_bf16']:9.3f}{r['err_v']:10.5f}{r['err_next_latent']:10.6f}")
+    for name, layers in breakdowns.items():
+        print(f"\n{name}: each block linear alone (ms, median)  M x N x K  count  bf16  pack  deq")
+        totals = [0.0, 0.0, 0.0]
+        for r in layers:
+            t = (r["bf16_ms"], r["pack_ms"], r["dequantize_ms"])
+            totals = [a + r["count"] * b for a, b in zip(totals, t, strict=True)]
+            shape = f"{r['m']}x{r['n']}x{r['k']}"
+            print(f"  {shape:<18}{r['count']:>3}  {t[0]:7.3f} {t[1]:7.3f} {t[2]:7.3f}")
+        print(f"  all block linears: bf16 {totals[0]:.2f} ms, pack {totals[1]:.2f} ms, "
+              f"dequantize {totals[2]:.2f} ms (bf16 step {base['ms_median']:.2f} ms)")  # fmt: skip
     for (name, how), err in layer_errs.items():
         print(f"one layer {name} {how}: rel. error vs float64 {err:.2e}")
     for name, v in verdicts.items():
