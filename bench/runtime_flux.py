@@ -211,18 +211,18 @@ def tokens_of(name: str, s: Shape) -> int:
     return s.txt_tokens if ".txt_" in name else s.img_tokens
 
 
-def layer_breakdown(s: Shape, weights, packed, repeats: int) -> list[dict]:
+def layer_breakdown(s: Shape, weights, packed, repeats: int, device: str) -> list[dict]:
     """Median time of each distinct block linear ``(M, N, K)`` alone: bf16, pack, dequantize."""
     groups: dict[tuple[int, int, int], list[str]] = {}
     for name in packed:
         n, k = weights[name][0].shape
         groups.setdefault((tokens_of(name, s), n, k), []).append(name)
     out = []
-    gen = torch.Generator(device="cuda").manual_seed(7)
+    gen = torch.Generator(device=device).manual_seed(7)
     for (m, n, k), names in groups.items():
         w, b = weights[names[0]]
         codes, scale, fmt = packed[names[0]]
-        x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
+        x = torch.randn(m, k, generator=gen, device=device).bfloat16()
         row = {"m": m, "n": n, "k": k, "count": len(names), "example": names[0]}
         with torch.inference_mode():
             bf16 = functools.partial(F.linear, x, w, b)
@@ -311,7 +311,7 @@ def main() -> None:
         fast = record(name, backend, pack_linear(weights, packed, full_precision=False),
                       base["ms_median"])  # fmt: skip
         if device == "cuda":
-            breakdowns[name] = layer_breakdown(s, weights, packed, args.repeats)
+            breakdowns[name] = layer_breakdown(s, weights, packed, args.repeats, device)
         bound = 2.0 * deq["err_v"]
         verdicts[name] = {
             "backend": backend, "speedup": fast["speedup_vs_bf16"], "err_v": fast["err_v"],
