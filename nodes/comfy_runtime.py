@@ -131,6 +131,13 @@ def _register(ops: ModuleType, quant_ops: ModuleType) -> RuntimeStatus:
 
     ours, theirs = formats_to_register(quant_ops.QUANT_ALGOS)
     layouts.register_with_kitchen()
+    # Loader hooks first: until QUANT_ALGOS names a format they only ever delegate.
+    load, save = ops._load_quantized_module, ops._quantized_weight_state_dict
+    known = frozenset(getattr(load, _WRAPPED_MARK, frozenset()))
+    handled = frozenset(ours) | known
+    if handled != known:
+        ops._load_quantized_module = _wrap_load(_unwrapped(load), handled)
+        ops._quantized_weight_state_dict = _wrap_save(_unwrapped(save), handled)
     for name in ours:
         layout_name, cls = layouts.LAYOUTS[name]
         quant_ops.register_layout_class(layout_name, cls)
@@ -144,20 +151,16 @@ def _register(ops: ModuleType, quant_ops: ModuleType) -> RuntimeStatus:
         }
     for name in theirs:
         logger.info("comfyui-quantizer: ComfyUI already implements %s; using its own code", name)
-
-    load = ops._load_quantized_module
-    known = frozenset(getattr(load, _WRAPPED_MARK, frozenset()))
-    handled = frozenset(ours) | known
-    if handled != known:
-        original = getattr(load, "__wrapped__", load)
-        ops._load_quantized_module = _wrap_load(original, handled)
-        save = ops._quantized_weight_state_dict
-        ops._quantized_weight_state_dict = _wrap_save(getattr(save, "__wrapped__", save), handled)
     logger.info(
         "comfyui-quantizer: pack-only formats registered with ComfyUI: %s",
         ", ".join(sorted(handled)) or "none",
     )
     return RuntimeStatus(registered=tuple(sorted(handled)), left_to_comfyui=tuple(theirs))
+
+
+def _unwrapped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """ComfyUI's function under our own earlier wrapper (another pack's wrapper is kept)."""
+    return fn.__wrapped__ if hasattr(fn, _WRAPPED_MARK) else fn  # type: ignore[attr-defined]
 
 
 def _layer_format(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any] | None:

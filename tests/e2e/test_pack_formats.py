@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from comfyui_quantizer.nodes.layout_math import format_for
 from comfyui_quantizer.quant_core import formats
 from comfyui_quantizer.quant_core.comfy_quant import QUANT_METADATA_KEY, decode_settings
 
-from .harness import ComfyServer, cli, make_tiny_flux, read_latent, sample_graph
+from .harness import REPO, ComfyServer, cli, comfy_env, make_tiny_flux, read_latent, sample_graph
 
 # name -> CLI flags. Block 48 does not divide the tiny Flux's 128-wide layers: padded grids.
 PACK_FILES = {
@@ -243,3 +244,53 @@ def test_stock_comfyui_refuses_pack_formats_with_its_own_error(files: dict[str, 
             assert error["node_type"] == "UNETLoader"
             assert error["exception_type"] == "KeyError", error
             assert json.loads(error["exception_message"].replace("'", '"')) == name, error
+
+
+IN_PROCESS = """
+import importlib.util, json, logging, os, sys
+logging.basicConfig(level=logging.INFO)
+repo, comfy_dir = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_dir); os.chdir(comfy_dir); sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.ops, comfy.quant_ops
+stock_load = comfy.ops._load_quantized_module
+# Pretend this ComfyUI already implements int8_blockwise with one of its own layouts.
+comfy.quant_ops.QUANT_ALGOS["int8_blockwise"] = dict(comfy.quant_ops.QUANT_ALGOS["int8_tensorwise"])
+statuses = []
+for alias in ("pack_a", "pack_b"):  # the pack imported twice (two names)
+    spec = importlib.util.spec_from_file_location(
+        alias, os.path.join(repo, "__init__.py"), submodule_search_locations=[repo])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    from importlib import import_module
+    statuses.append(import_module(alias + ".nodes.comfy_runtime").register().__dict__)
+load = comfy.ops._load_quantized_module
+print(json.dumps({
+    "statuses": statuses,
+    "wraps_stock_once": load.__wrapped__ is stock_load,
+    "layouts": {k: v["comfy_tensor_layout"] for k, v in comfy.quant_ops.QUANT_ALGOS.items()},
+}))
+"""
+
+
+def test_registration_keeps_comfyui_formats_and_is_idempotent(tmp_path: Path) -> None:
+    """In-process real ComfyUI: a name it already knows stays its own; importing twice is safe."""
+    env = comfy_env()
+    assert env is not None
+    script = tmp_path / "in_process.py"
+    script.write_text(IN_PROCESS)
+    done = subprocess.run(
+        [str(env[1]), str(script), str(REPO), str(env[0])], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["wraps_stock_once"], got
+    assert got["layouts"]["int8_blockwise"] == "TensorWiseINT8Layout", got
+    assert got["layouts"]["float8_e4m3fn_blockwise"] == "CQFloat8BlockwiseLayout", got
+    for status in got["statuses"]:
+        assert status["unsupported"] is None
+        assert status["left_to_comfyui"] == ["int8_blockwise"]
+        assert status["registered"] == ["float8_e4m3fn_blockwise", "float8_e4m3fn_rowwise"]
+    assert "ComfyUI already implements int8_blockwise" in done.stderr
