@@ -286,7 +286,8 @@ def main() -> None:
     verdicts = {}
     layer_errs: dict[tuple[str, str], float] = {}
     breakdowns: dict[str, list[dict]] = {}
-    for name in [f for f in args.formats.split(",") if f]:
+
+    def measure_format(name: str) -> None:
         fmt = layout_math.format_for(name, args.block)
         packed = {}
         for layer, (w, _) in weights.items():
@@ -320,6 +321,12 @@ def main() -> None:
         }  # fmt: skip
         del packed
 
+    for name in [f for f in args.formats.split(",") if f]:
+        try:
+            measure_format(name)
+        except Exception as exc:  # report and go on with the next format
+            verdicts[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+
     result = {"card": card, "shape": s.__dict__, "block": args.block, "torch": torch.__version__,
               "rows": rows, "verdicts": verdicts,
               "layer_errs": {f"{k[0]} {k[1]}": v for k, v in layer_errs.items()},
@@ -344,6 +351,9 @@ def main() -> None:
     for (name, how), err in layer_errs.items():
         print(f"one layer {name} {how}: rel. error vs float64 {err:.2e}")
     for name, v in verdicts.items():
+        if "error" in v:
+            print(f"{name}: ERROR {v['error']}")
+            continue
         ok = v["within_bound"] and v["speedup_ok"]
         print(
             f"{name}: {v['backend']} {v['speedup']:.3f}x bf16 (need >= 1.2), err v "

@@ -155,6 +155,20 @@ def linear_backend(
     return "kernel"
 
 
+@functools.lru_cache(maxsize=64)
+def _note_kernel_failure(
+    label: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], error: str
+) -> None:
+    logger.warning(
+        "comfyui-quantizer: block-scaled GEMM failed for %s x %s @ %s (%s); this layer runs on "
+        "the exact dequantize path",
+        label,
+        list(x_shape),
+        list(w_shape),
+        error.splitlines()[0][:300],
+    )
+
+
 def linear(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -168,13 +182,19 @@ def linear(
     """``x [..., in] @ W.T + bias -> [..., out]`` in ``out_dtype``, ``W = codes * scale``.
 
     :func:`linear_backend` picks the block-scaled GEMM kernel or the exact dequantize path
-    (computed in ``x.dtype``).
+    (computed in ``x.dtype``). A kernel call that raises (e.g. a cuBLAS backend refusing a
+    shape) falls back to the dequantize path, with one warning per shape and error.
     """
     if linear_backend(x, codes, fmt, full_precision=full_precision) == "kernel":
         kernel = _find_kernel()
         assert kernel is not None
-        y = kernel.run(x.reshape(-1, x.shape[-1]), codes, scale, fmt, bias, out_dtype)
-        return y.reshape(*x.shape[:-1], codes.shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+        try:
+            y = kernel.run(x2, codes, scale, fmt, bias, out_dtype)
+        except RuntimeError as exc:  # a backend refusing a shape must not stop sampling
+            _note_kernel_failure(fmt.label, tuple(x2.shape), tuple(codes.shape), str(exc))
+        else:
+            return y.reshape(*x.shape[:-1], codes.shape[0])
     w = dequantize_weight(codes, scale, fmt, x.dtype)
     b = bias.to(x.dtype) if bias is not None else None
     return torch.nn.functional.linear(x, w, b).to(out_dtype)
