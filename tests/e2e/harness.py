@@ -25,7 +25,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-MODEL_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "clip", "vae")
+MODEL_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "clip", "vae", "loras")
 
 # A test-only node: Flux conditioning without a text encoder (random context + pooled vector).
 TEST_NODES = """
