@@ -51,38 +51,27 @@ AC = kquant.ActConfig
 INT8_CONFIGS: dict[str, block_gemm.GemmConfig | None] = {
     "default": None,
     "64x128w4s2g16": GC(64, 128, 4, 2, group_m=16),
-    "64x128w4s4g16": GC(64, 128, 4, 4, group_m=16),
-    "64x128w4s3g8": GC(64, 128, 4, 3, group_m=8),
-    "64x128w4s3g32": GC(64, 128, 4, 3, group_m=32),
+    "64x128w4s4g8": GC(64, 128, 4, 4, group_m=8),
     "64x128w8s3g16": GC(64, 128, 8, 3, group_m=16),
-    "64x64w4s3g16": GC(64, 64, 4, 3, group_m=16),
     "64x64w4s5g16": GC(64, 64, 4, 5, group_m=16),
-    "128x64w8s3g8": GC(128, 64, 8, 3, group_m=8),
     "128x64w8s4g8": GC(128, 64, 8, 4, group_m=8),
     "128x128w8s2g8": GC(128, 128, 8, 2, group_m=8),
-    "128x128w8s3g8": GC(128, 128, 8, 3, group_m=8),
     "128x128w8s2g8-r128": GC(128, 128, 8, 2, group_m=8, maxnreg=128),
     "256x64w8s3g8": GC(256, 64, 8, 3, group_m=8),
     "64x128w4s3g16-persist3": GC(64, 128, 4, 3, group_m=16, persistent=3),
-    "128x64w8s3g8-persist2": GC(128, 64, 8, 3, group_m=8, persistent=2),
     "64x128w4s3g16-ptr": GC(64, 128, 4, 3, group_m=16, use_tma=False),
-    "64x128w4s3g16-magic": GC(64, 128, 4, 3, group_m=16, magic_cvt=True),
     "64x128w4s3-noscale": GC(64, 128, 4, 3, group_m=16, no_scale=True),
     "128x128w8s3-noscale": GC(128, 128, 8, 3, group_m=8, no_scale=True),
 }
 FP8_CONFIGS: dict[str, block_gemm.GemmConfig | None] = {
     "default": None,
-    "64x128w4s4g8": GC(64, 128, 4, 4, group_m=8),
-    "128x64w8s3g8": GC(128, 64, 8, 3, group_m=8),
+    "128x64w8s4g8": GC(128, 64, 8, 4, group_m=8),
 }
 ACT_CONFIGS: dict[str, kquant.ActConfig | None] = {
     "default": None,
     "r32g1w4": AC(32, 1, 4),
     "r8g4w4": AC(8, 4, 4),
-    "r16g4w8": AC(16, 4, 8),
     "r32g2w8": AC(32, 2, 8),
-    "r4g8w4": AC(4, 8, 4),
-    "r64g1w8": AC(64, 1, 8),
 }
 # Every block linear of bench/runtime_flux.py: (M, N, K) -> count per step.
 FLUX_LINEARS = {
@@ -99,7 +88,7 @@ FLUX_LINEARS = {
     (4608, 21504, 3072): 4,
     (4608, 3072, 15360): 4,
 }
-SCALED_MM_ROWS = (1, 2, 8, 16, 24, 32, 48, 64, 100, 128, 200, 512)
+SCALED_MM_ROWS = (1, 2, 8, 16, 24, 48, 64, 100, 512)
 ACT_KS = (3072, 12288)  # activation widths timed (x [M, K])
 ODD_K = 1000  # not a multiple of the block
 
@@ -649,7 +638,7 @@ def time_flux_linears() -> None:
 def run_flux(budget_left: float) -> None:
     script = Path(__file__).with_name("runtime_flux.py")
     out = Path(os.environ.get("OUT", "/tmp")) / "runtime_flux.json"
-    cmd = [sys.executable, str(script), "--repeats", "10", "--out", str(out)]
+    cmd = [sys.executable, str(script), "--repeats", "6", "--out", str(out)]
     log(f"running {' '.join(cmd[1:])}")
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=max(30, budget_left), check=False
@@ -719,7 +708,7 @@ def cpu_smoke() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=170.0)
+    ap.add_argument("--budget-s", type=float, default=110.0)
     ap.add_argument("--workers", type=int, default=min(14, (os.cpu_count() or 2) - 2))
     ap.add_argument("--no-flux", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true", help="code paths only (see cpu_smoke)")
@@ -743,7 +732,7 @@ def main() -> int:
     out = Path(os.environ.get("OUT", "/tmp")) / "gemm_speed.json"
     out.write_text(json.dumps(RESULTS, indent=1))
     if not args.no_flux:
-        guarded("runtime_flux", lambda: run_flux(budget + 60 - (time.perf_counter() - T0)), budget)
+        guarded("runtime_flux", lambda: run_flux(budget + 50 - (time.perf_counter() - T0)), budget)
     out.write_text(json.dumps(RESULTS, indent=1))
     summary()
     return 0 if not RESULTS["errors"] and all(c["ok"] for c in RESULTS["checks"]) else 1
