@@ -58,7 +58,7 @@ INT8_CONFIGS: dict[str, block_gemm.GemmConfig | None] = {
     "128x128w8s2g8": GC(128, 128, 8, 2, group_m=8),
     "128x128w8s2g8-r128": GC(128, 128, 8, 2, group_m=8, maxnreg=128),
     "256x64w8s3g8": GC(256, 64, 8, 3, group_m=8),
-    "64x128w4s3g16-persist3": GC(64, 128, 4, 3, group_m=16, persistent=3),
+    "64x128w4s3g16-per-tile": GC(64, 128, 4, 3, group_m=16),  # the default before kernels2
     "64x128w4s3g16-ptr": GC(64, 128, 4, 3, group_m=16, use_tma=False),
     "64x128w4s3-noscale": GC(64, 128, 4, 3, group_m=16, no_scale=True),
     "128x128w8s3-noscale": GC(128, 128, 8, 3, group_m=8, no_scale=True),
@@ -224,8 +224,6 @@ def _warm(job: tuple[str, str, str]) -> str:
             for k in ACT_KS:
                 x = randn(M, k)
                 kquant.quantize_activations(x, fp8=fp8, block_size=B, config=ACT_CONFIGS[name])
-                if name == "default":
-                    _old_activation_kernel(x, fp8)
         elif what == "gemm":
             cfg = (FP8_CONFIGS if fp8 else INT8_CONFIGS)[name]
             for (k, n), out_dtype in (
@@ -431,27 +429,6 @@ def time_activations() -> None:
                     tbps=round(bw, 3),
                     of_copy=round(bw / copy_bw, 3),
                 )
-            # The previous kernel (one 1 x B group per row, exact quotient) as the baseline.
-            ms = do_bench(lambda x, _, fp8=fp8: _old_activation_kernel(x, fp8), sets)
-            bw = moved / ms / 1e9
-            timing(
-                f"act {kind.value} [{M},{k}] [previous kernel]",
-                ms,
-                tbps=round(bw, 3),
-                of_copy=round(bw / copy_bw, 3),
-            )
-
-
-def _old_activation_kernel(x: torch.Tensor, fp8: bool) -> None:
-    m, k = x.shape
-    kb = k // B
-    codes = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
-    scale_t = torch.empty(kb, m, dtype=torch.float32, device=x.device)
-    kquant._quantize_groups_kernel[(triton.cdiv(m, 32), kb)](
-        x, codes, scale_t, m, k, x.stride(0), codes.stride(0), 1, scale_t.stride(0),
-        TILE_R=32, TILE_C=B, PER_ROW=True, FP8=fp8, QMAX=448.0 if fp8 else 127.0,
-        SIGN_FROM_X=True, num_warps=4,
-    )  # fmt: skip
 
 
 def time_gemms() -> None:

@@ -9,9 +9,11 @@ times ``a_scale[m, kb] * w_scale[n // B, kb]``.
 Cost for M=4096, K=N=3072: 77 GOP of 8-bit MMA (about 40 us at ~1980 dense TOP/s), plus one
 fp32 rescale per output element per K-block on the CUDA cores (K/B = 24 multiply-adds per
 output). The rescale needs each K-block's int32 product before the next MMA can accumulate, so
-the MMAs cannot chain: on an H200 this kernel reaches 1.08-1.21x bf16 where the same Triton
-loop without scales reaches 1.5-1.9x (bench/KERNELS_NOTES.md). Memory: x read once in bf16 by
-the activation quantizer (3 bytes/element), 8-bit operands re-read from L2 per tile.
+the MMAs cannot chain, and Triton waits for every such MMA right after issuing it (no overlap
+inside a program; only the 3 programs per SM overlap each other): on an H200 this kernel
+reaches 1.16-1.22x bf16 (persistent grid) where the same Triton loop without scales reaches
+1.4-1.8x (bench/KERNELS_NOTES.md). Memory: x read once in bf16 by the activation quantizer
+(3 bytes/element), 8-bit operands re-read from L2 per tile.
 
 FP8 note: Hopper's FP8 tensor cores sum a K-block with fewer bits than fp32 (measured rel.
 error 1.3e-4 of the fp32-output result, vs 1e-7 for INT8); cuBLAS's path has the same figure.
@@ -244,9 +246,19 @@ def _tma_ok(t: torch.Tensor) -> bool:
 def default_config(m: int, n: int, k: int, block_size: int, *, fp8: bool) -> GemmConfig:
     """The tile used when the caller names none, from the H200 sweeps in bench/KERNELS_NOTES.md:
     64 x 128 tiles with one warpgroup and 3 stages leave room for 3 programs per SM, whose MMAs
-    overlap each other's per-K-block rescaling (128 x 128 tiles were 10-20 % slower)."""
+    overlap each other's per-K-block rescaling (128 x 128 tiles: one program per SM, 30-40 %
+    slower). INT8 runs on a persistent grid of 3 programs per SM (+3-10 % on an H200); FP8's
+    Triton path (few rows; cuBLAS takes the rest) was not swept with it and keeps one program
+    per tile."""
     bn = min(128, block_size)
-    return GemmConfig(block_m=64, block_n=bn, num_warps=4, num_stages=3, group_m=8 if fp8 else 16)
+    return GemmConfig(
+        block_m=64,
+        block_n=bn,
+        num_warps=4,
+        num_stages=3,
+        group_m=8 if fp8 else 16,
+        persistent=0 if fp8 else 3,
+    )
 
 
 def block_scaled_mm(
