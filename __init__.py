@@ -7,3 +7,19 @@ Importing it is cheap and needs no ComfyUI: nodes are only built when ComfyUI as
 __version__ = "0.1.0"
 
 WEB_DIRECTORY = "./web"
+
+
+# --- pack-only formats at ComfyUI start (issue 7; owner: runtime) -------------------------------
+def _register_pack_formats() -> None:
+    """Inside ComfyUI only: let its loaders read int8_blockwise and row/block-scaled FP8."""
+    import sys
+
+    if "comfy.ops" not in sys.modules:  # pip install, CLI, tests: ComfyUI is not running
+        return
+    from .nodes.comfy_runtime import register
+
+    register()  # never raises; logs one line either way
+
+
+_register_pack_formats()
+# --- end pack-only formats -----------------------------------------------------------------------

@@ -349,9 +349,11 @@ def kernel_checks(device) -> list[str]:
     for kind in (Kind.INT8, Kind.FP8):
         s = w.abs().amax(-1, keepdim=True) / (127 if kind is Kind.INT8 else 448)
         with matmul_precision("highest", w.device):
-            c_ref, _ = error_feedback.error_feedback(w, s, m.second_moment[None], kind)
+            c_ref, _ = error_feedback.error_feedback(
+                w, s, m.second_moment[None], kind, backend="torch"
+            )
             c_tri, _ = error_feedback.error_feedback(
-                w, s, m.second_moment[None], kind, use_triton=True
+                w, s, m.second_moment[None], kind, backend="triton"
             )
         frac = (c_ref == c_tri).float().mean().item()
         lines.append(f"error_feedback {kind.value} 512x1024 Triton vs PyTorch: {frac:.6f} equal")
@@ -378,7 +380,7 @@ def gpu_bench(args: argparse.Namespace) -> dict:
         del x
         g = torch.Generator(device=device).manual_seed(3)
         w = torch.randn(out_f, in_f, generator=g, device=device) * 0.02
-        cuda = device.type == "cuda" and kernel_ok
+        backend = "triton" if device.type == "cuda" and kernel_ok else "torch"
         for label, fmt in FORMATS.items():
             t_rtn, _ = cuda_time(lambda w=w, fmt=fmt: formats.quantize(w, fmt), reps=5)
             # the default (tf32, early stopping), the other precisions, and all 48 steps forced
@@ -389,9 +391,9 @@ def gpu_bench(args: argparse.Namespace) -> dict:
             for precision, more in variants:
                 opts = LearnedOptions(precision=precision, bias_correction=False, **more)
 
-                def learned(w=w, fmt=fmt, opts=opts, stats=stats, cuda=cuda):
+                def learned(w=w, fmt=fmt, opts=opts, stats=stats, backend=backend):
                     return quantize_layer(
-                        w, fmt, rounding="learned", stats=stats, options=opts, use_triton=cuda
+                        w, fmt, rounding="learned", stats=stats, options=opts, backend=backend
                     )
 
                 t_l, res = cuda_time(learned, reps=2)
@@ -410,7 +412,7 @@ def gpu_bench(args: argparse.Namespace) -> dict:
                     "kept": e["kept"],
                     "stats_matmul_s": t_stats,
                 }
-                row.update(_breakdown(w, fmt, stats, opts, cuda))
+                row.update(_breakdown(w, fmt, stats, opts, backend))
                 results["timings"].append(row)
                 print(
                     f"{out_f}x{in_f} {label:10s} {row['precision']:7s} learned {t_l * 1e3:7.1f} ms "
@@ -423,11 +425,13 @@ def gpu_bench(args: argparse.Namespace) -> dict:
         del stats, fit, check
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    results["batched"] = _batched(device, div, device.type == "cuda" and kernel_ok)
+    results["batched"] = _batched(
+        device, div, "triton" if device.type == "cuda" and kernel_ok else "torch"
+    )
     return results
 
 
-def _breakdown(w, fmt, stats: LayerStats, opts: LearnedOptions, use_triton: bool) -> dict:
+def _breakdown(w, fmt, stats: LayerStats, opts: LearnedOptions, backend: str) -> dict:
     """Time the two stages apart and count host syncs inside the search."""
     from comfyui_quantizer.quant_core.quantizer import scale_3d
 
@@ -437,7 +441,7 @@ def _breakdown(w, fmt, stats: LayerStats, opts: LearnedOptions, use_triton: bool
     with matmul_precision(opts.precision, w.device):
         t_ef, start = cuda_time(
             lambda: error_feedback.error_feedback(
-                w[None], s3, h, fmt.kind, damp=opts.damp, use_triton=use_triton
+                w[None], s3, h, fmt.kind, damp=opts.damp, backend=backend
             ),
             reps=2,
         )
@@ -455,7 +459,7 @@ def _breakdown(w, fmt, stats: LayerStats, opts: LearnedOptions, use_triton: bool
     return {"feedback_s": t_ef, "search_s": t_s, "syncs": len(caught)}
 
 
-def _batched(device, div: int, use_triton: bool) -> dict:
+def _batched(device, div: int, backend: str) -> dict:
     """Four 3072×3072 layers: one batched search vs four single ones."""
     layers, out_f, in_f = 4, 3072 // div, 3072 // div
     g = torch.Generator(device=device).manual_seed(7)
@@ -467,7 +471,7 @@ def _batched(device, div: int, use_triton: bool) -> dict:
 
     def run(ws, ss, hh):
         with matmul_precision(opts.precision, device):
-            start = error_feedback.error_feedback(ws, ss, hh, Kind.INT8, use_triton=use_triton)
+            start = error_feedback.error_feedback(ws, ss, hh, Kind.INT8, backend=backend)
             obj = OutputObjective(error_feedback.damped(hh, opts.damp))
             return learn_codes(ws, ss, Kind.INT8, obj, opts, start=start)
 

@@ -27,7 +27,7 @@ def _rint(x):
 
 
 @triton.jit
-def _round_grid(x, FP8: tl.constexpr):  # noqa: N803 - Triton constexpr style
+def _round_grid(x, FP8: tl.constexpr):
     if FP8:
         x = tl.minimum(tl.maximum(x, -448.0), 448.0)
         bits = x.to(tl.int32, bitcast=True)
@@ -49,7 +49,7 @@ def _gptq_block_kernel(
     su_l, su_r, su_c,
     so_l, so_r, so_c,
     se_l, se_r, se_c,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FP8: tl.constexpr,  # noqa: N803
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     layer = tl.program_id(1)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -9,6 +9,7 @@ import torch
 from .errors import ConfigError
 from .formats import Format, Kind, Scaling
 from .learned import LearnedOptions
+from .rules import RuleOptions
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -26,7 +27,8 @@ class QuantConfig:
     stock ComfyUI loads). ``output_dtype`` casts the tensors that stay unquantized (``None``
     keeps their dtype). ``device`` is where the math runs (``cpu``, ``cuda``, ``cuda:1``).
     ``upgrade_legacy`` rewrites a legacy ``scaled_fp8`` checkpoint losslessly in the
-    comfy_quant layout instead of refusing it.
+    comfy_quant layout instead of refusing it. ``cpu_threads`` is the number of worker threads for
+    the CPU math (torch runs single-threaded inside each); ``None`` leaves torch's threads alone.
     """
 
     kind: Kind = Kind.FP8
@@ -37,6 +39,8 @@ class QuantConfig:
     device: str = "cpu"
     seed: int = 0
     upgrade_legacy: bool = False
+    cpu_threads: int | None = None
+    rules: RuleOptions = field(default_factory=RuleOptions)
     # --- learned rounding (issue 4): options of the search, and the calibration file ---
     learned: LearnedOptions = field(default_factory=LearnedOptions)
     calibration: str | None = None
@@ -63,6 +67,10 @@ class QuantConfig:
             raise ConfigError(
                 f"unknown output dtype {self.output_dtype!r}; use one of {sorted(OUTPUT_DTYPES)}"
             )
+        if self.cpu_threads is not None and (
+            not isinstance(self.cpu_threads, int) or self.cpu_threads < 1
+        ):
+            raise ConfigError(f"cpu threads must be a positive integer, got {self.cpu_threads!r}")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):

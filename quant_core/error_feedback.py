@@ -20,8 +20,8 @@ natural order. Each column is rounded with the same grid function as round-to-ne
 
 Work is blocked ("lazy batch updates"): inside a block of ``block`` columns the feedback is
 sequential; the later columns are updated once per block with a matmul. On CUDA the sequential
-part runs in one Triton kernel per block (``kernels/gptq.py``), elsewhere in PyTorch; both
-compute the same function.
+part runs in one Triton kernel per block (``kernels/gptq.py``, chosen by :mod:`.dispatch`),
+elsewhere in PyTorch; both compute the same function.
 
 Shapes: a leading batch dimension ``L`` lets layers of one shape share every launch:
 ``w [L, out, in]``, ``scale`` broadcastable to it, ``h [L, in, in]``.
@@ -33,23 +33,13 @@ import logging
 
 import torch
 
+from . import dispatch
 from .formats import Kind, round_to_grid
 
 log = logging.getLogger(__name__)
 
 # Relative damping added to H's diagonal when its Cholesky factorization fails at first.
 _DAMP_RETRIES = (10.0, 100.0, 1000.0)
-
-
-def triton_status(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton block kernel can run on ``device``, and why not."""
-    if device.type != "cuda":
-        return False, f"device {device} is not CUDA"
-    try:
-        from ..kernels import gptq  # noqa: F401
-    except ImportError as e:
-        return False, f"Triton is not importable ({e})"
-    return True, "ok"
 
 
 def act_order(h: torch.Tensor) -> torch.Tensor:
@@ -94,14 +84,16 @@ def error_feedback(
     *,
     damp: float = 0.01,
     block: int = 128,
-    use_triton: bool = False,
+    backend: str = dispatch.AUTO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ rounding in act order: ``w [L, out, in]`` -> ``(codes, pre)``, both ``[L, out, in]``.
 
     ``codes`` are grid values in scaled units (``Ŵ = codes · scale``); ``pre`` is the scaled
     value each column had just before it was rounded (``codes == round_to_grid(pre)``), the
     natural starting point of a continuous optimiser. ``scale`` broadcasts to ``w``.
+    ``backend`` (``auto``, ``triton``, ``torch``) picks the in-block loop, see :mod:`.dispatch`.
     """
+    use_triton = dispatch.choose_error_feedback(w.device, backend).backend == "triton"
     w = w.float()
     full_scale = scale.float().expand_as(w)
     order = act_order(h)
@@ -133,9 +125,7 @@ def _blocked(
         args = (target[..., b0:b1], w[..., b0:b1], sb, ub)
         outs = (codes[..., b0:b1], pre[..., b0:b1])
         if use_triton:
-            from ..kernels.gptq import gptq_block
-
-            err = gptq_block(*args, kind.value, *outs)
+            err = dispatch.error_feedback_block(*args, kind, *outs)
         else:
             err = _block_reference(*args, kind, *outs)
         if b1 < n:

@@ -23,18 +23,22 @@ fewer elements. A group whose values are all zero gets scale 1.0 (any positive s
 from __future__ import annotations
 
 import enum
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
 FP8_E4M3_MAX = 448.0
 INT8_MAX = 127.0
 
 # Rows are processed in chunks of about this many elements so that the float32 temporaries stay
 # in cache; the result is identical to whole-tensor math because every step is elementwise.
-_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS = 1 << 17
 
 
 class NonFiniteWeightError(ValueError):
@@ -150,34 +154,45 @@ def absmax(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """
     _check_2d(w)
     if fmt.scaling is Scaling.TENSOR:
-        lo, hi = torch.aminmax(w)
-        return torch.maximum(lo.abs(), hi.abs()).float()
+        return torch.maximum(w.amax().float(), -w.amin().float())
+    rows, cols = w.shape
+    b = fmt.block_size or 1
+    out = torch.empty(fmt.scale_shape((rows, cols)), dtype=torch.float32, device=w.device)
+    for rs in _row_chunks(rows, cols, align=b):
+        out[rs.start // b : rs.start // b + math.ceil((rs.stop - rs.start) / b)] = _chunk_absmax(
+            w[rs].float(), fmt
+        )
+    return out
+
+
+def _chunk_absmax(y: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Per-group absmax of float32 rows ``[r, cols]`` (``r`` block-aligned; tensor: a scalar).
+
+    ``max(amax, -amin)`` along contiguous rows is several times faster on CPU than ``aminmax``
+    or ``abs().amax`` over strided tiles.
+    """
+    if fmt.scaling is Scaling.TENSOR:
+        return torch.maximum(y.amax(), -y.amin())
     if fmt.scaling is Scaling.ROW:
-        lo, hi = torch.aminmax(w, dim=1, keepdim=True)
-        return torch.maximum(lo.abs(), hi.abs()).float()
+        return torch.maximum(y.amax(dim=1, keepdim=True), -y.amin(dim=1, keepdim=True))
     b = fmt.block_size
     assert b is not None
-    rows, cols = w.shape
-    gr, gc = fmt.scale_shape((rows, cols))
-    out = torch.empty(gr, gc, dtype=torch.float32, device=w.device)
-    for rs in _row_chunks(rows, cols, align=b):
-        chunk = w[rs]
-        pad_r = -chunk.shape[0] % b
-        pad_c = -cols % b
-        if pad_r or pad_c:
-            chunk = torch.nn.functional.pad(chunk, (0, pad_c, 0, pad_r))
-        tiles = chunk.abs().view(chunk.shape[0] // b, b, gc, b)
-        out[rs.start // b : rs.start // b + tiles.shape[0]] = tiles.amax(dim=(1, 3)).float()
-    return out
+    pad_r, pad_c = -y.shape[0] % b, -y.shape[1] % b
+    if pad_r or pad_c:  # zero padding never raises an absmax
+        y = torch.nn.functional.pad(y, (0, pad_c, 0, pad_r))
+    tiles = y.view(y.shape[0], y.shape[1] // b, b)
+    per_row = torch.maximum(tiles.amax(dim=2), -tiles.amin(dim=2))  # [r, blocks along in]
+    return per_row.view(-1, b, per_row.shape[1]).amax(dim=1)
 
 
 def scale_from_absmax(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
     """``amax / qmax`` as float32; all-zero groups get 1.0; never zero or subnormal."""
     if not bool(torch.isfinite(amax).all()):
         raise NonFiniteWeightError("weight contains NaN or Inf")
-    scale = torch.where(
-        amax > 0, amax.float() / fmt.qmax, torch.ones_like(amax, dtype=torch.float32)
-    )
+    # Divide by a tensor: torch on CUDA turns division by a Python number into a multiply by its
+    # reciprocal, which differs from IEEE division by 1 ulp for up to half of the scales.
+    qmax = torch.full((), fmt.qmax, dtype=torch.float32, device=amax.device)
+    scale = torch.where(amax > 0, amax.float() / qmax, torch.ones_like(amax, dtype=torch.float32))
     return scale.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -232,14 +247,118 @@ def _encode(x: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Codes of ``w`` ``[out, in]`` for a given scale: ``round(w / scale)`` on the grid."""
+    codes, _, _ = _quantize_rows(w, fmt, scale, measure=False)
+    return codes
+
+
+def quantize_and_measure(
+    w: torch.Tensor, fmt: Format, scale: torch.Tensor | None = None, *, workers: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, ErrorEnergy]:
+    """Round-to-nearest codes, scale and error energy of ``w`` ``[out, in]``.
+
+    The conversion hot path. Rows are processed in cache-sized chunks, each read once: row and
+    block scales are computed inside the chunk (only a tensor-wide scale needs a pass of its
+    own), and the error comes from the grid values themselves. ``workers`` > 1 processes chunks
+    in that many threads (torch releases the GIL); results do not depend on it.
+    """
+    _check_2d(w)
+    if scale is None and fmt.scaling is Scaling.TENSOR:
+        rows, cols = w.shape
+        parts = _map_chunks(
+            lambda rs: _chunk_absmax(w[rs].float(), fmt), _row_chunks(rows, cols), workers
+        )
+        scale = scale_from_absmax(torch.stack(parts).amax(), fmt)
+    codes, scale, energy = _quantize_rows(w, fmt, scale, measure=True, workers=workers)
+    assert energy is not None
+    return codes, scale, energy
+
+
+def _quantize_rows(
+    w: torch.Tensor,
+    fmt: Format,
+    scale: torch.Tensor | None,
+    *,
+    measure: bool,
+    workers: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, ErrorEnergy | None]:
     _check_2d(w)
     rows, cols = w.shape
     codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=w.device)
-    align = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
-    for rs in _row_chunks(rows, cols, align=align or 1):
+    given = scale is not None
+    if scale is None:
+        scale = torch.empty(fmt.scale_shape((rows, cols)), dtype=torch.float32, device=w.device)
+    b = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
+    assert b is not None
+
+    def one_chunk(rs: slice) -> tuple[float, float]:
+        # In-place steps on one float32 copy of the chunk: the same values as _encode(w / s),
+        # with a third of the memory traffic.
+        y = w[rs].to(torch.float32, copy=True)
+        if not given:  # row or block scales of these rows only (chunks are block-aligned)
+            scale[rs.start // b : rs.start // b + math.ceil((rs.stop - rs.start) / b)] = (
+                scale_from_absmax(_chunk_absmax(y, fmt), fmt)
+            )
         s = _scale_rows(scale, rs, (rows, cols), fmt)
-        codes[rs] = _encode(w[rs].float() / s, fmt)
-    return codes
+        signal = error = 0.0
+        if measure:
+            flat = y.reshape(-1)
+            signal = float(torch.dot(flat, flat))  # float32 BLAS per chunk, summed in double
+        y.div_(s).clamp_(-fmt.qmax, fmt.qmax)
+        if fmt.kind is Kind.FP8:
+            codes[rs].copy_(y)  # round-half-to-even cast straight into the output
+            grid = _decode(codes[rs]) if measure else None
+        else:
+            grid = torch.round(y)
+            codes[rs].copy_(grid)  # exact: the values are already integers
+        if measure:
+            assert grid is not None
+            diff = grid.sub_(y).mul_(s).reshape(-1)
+            error = float(torch.dot(diff, diff))
+        return signal, error
+
+    parts = _map_chunks(one_chunk, _row_chunks(rows, cols, align=b), workers)
+    if not measure:
+        return codes, scale, None
+    # Summed in chunk order, so the result does not depend on the number of workers.
+    return codes, scale, ErrorEnergy(math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts))
+
+
+def _map_chunks(fn: Callable[[slice], T], chunks: Iterable[slice], workers: int) -> list[T]:
+    """``[fn(rs) for rs in chunks]``, in that order, on ``workers`` threads when > 1.
+
+    Each thread takes every ``workers``-th chunk in one task (a task per chunk would cost more
+    in thread hand-offs than the chunk's math).
+    """
+    chunks = list(chunks)
+    if workers <= 1 or len(chunks) <= 1:
+        return [fn(rs) for rs in chunks]
+    n = min(workers, len(chunks))
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="quantize") as pool:
+        lanes = list(pool.map(lambda k: [fn(rs) for rs in chunks[k::n]], range(n)))
+    out: list[T] = [None] * len(chunks)  # type: ignore[list-item]
+    for k, lane in enumerate(lanes):
+        out[k::n] = lane
+    return out
+
+
+@functools.cache
+def _fp8_table(device: torch.device) -> torch.Tensor:
+    """The float32 value of every E4M3 bit pattern (decoding by table is ~6x faster on CPU)."""
+    return (
+        torch.arange(256, dtype=torch.int32)
+        .to(torch.uint8)
+        .view(torch.float8_e4m3fn)
+        .float()
+        .to(device)
+    )
+
+
+def _decode(codes: torch.Tensor) -> torch.Tensor:
+    """Codes -> float32 grid values (exact)."""
+    if codes.dtype == torch.float8_e4m3fn and codes.device.type == "cpu":
+        flat = codes.reshape(-1).view(torch.uint8).int()
+        return torch.index_select(_fp8_table(codes.device), 0, flat).reshape(codes.shape)
+    return codes.float()
 
 
 def quantize(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +372,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Codes and scale -> ``codes * scale`` in float32, then cast to ``dtype``."""
     full = expand_scale(scale.float(), tuple(codes.shape), fmt)
-    return (codes.float() * full).to(dtype)
+    return (_decode(codes) * full).to(dtype)
 
 
 def _scale_rows(
@@ -296,14 +415,16 @@ def sqnr_db(signal: float, error: float) -> float:
 def error_energy(
     w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fmt: Format
 ) -> ErrorEnergy:
-    """Signal and quantization-error energy of ``codes * scale`` against ``w`` (float64 sums)."""
+    """Signal and quantization-error energy of ``codes * scale`` against ``w``."""
     rows, cols = w.shape
-    signal = torch.zeros((), dtype=torch.float64, device=w.device)
-    error = torch.zeros((), dtype=torch.float64, device=w.device)
+    signal = error = 0.0
     align = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
     for rs in _row_chunks(rows, cols, align=align or 1):
         x = w[rs].float()
-        diff = x - codes[rs].float() * _scale_rows(scale, rs, (rows, cols), fmt)
-        signal += torch.sum(x * x, dtype=torch.float64)
-        error += torch.sum(diff * diff, dtype=torch.float64)
-    return ErrorEnergy(float(signal), float(error))
+        diff = (
+            _decode(codes[rs]).mul_(_scale_rows(scale, rs, (rows, cols), fmt)).sub_(x).reshape(-1)
+        )
+        flat = x.reshape(-1)
+        signal += float(torch.dot(flat, flat))
+        error += float(torch.dot(diff, diff))
+    return ErrorEnergy(signal, error)

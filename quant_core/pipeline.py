@@ -7,17 +7,20 @@ cancel. Only one entry's tensors are alive at a time.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import comfy_quant, dtypes, error_feedback, formats
+from . import comfy_quant, dispatch, dtypes, formats
 from .calibration import CalibrationFile
-from .config import OUTPUT_DTYPES, QuantConfig
+from .config import QuantConfig
 from .errors import Cancelled, InputError, at
 from .plan import Action, Plan, PlanEntry, build_plan
 from .quantizer import quantize_layer
@@ -73,43 +76,167 @@ def quantize_model(
     plan = plan_model(source, config)
     report = Report.from_plan(plan, output)
     device = torch.device(config.device)
-    total_bytes = plan.bytes_before
     started = time.perf_counter()
     bytes_done = 0
     # --- learned rounding (issue 4) ---
     learned = _LearnedContext.open(config, device)
     # --- end learned rounding ---
-    with StreamingWriter(
-        output, plan.outputs, plan.metadata, overwrite=overwrite, input_path=source.path
-    ) as writer:
+    with (
+        _cpu_threads(config.cpu_threads),
+        StreamingWriter(
+            output, plan.outputs, plan.metadata, overwrite=overwrite, input_path=source.path
+        ) as writer,
+        _Prefetcher(source, plan.entries) as inputs,
+        _BackgroundWriter(writer) as writes,
+    ):
         for i, (entry, layer_report) in enumerate(zip(plan.entries, report.layers, strict=True)):
             if cancel is not None and cancel():
                 raise Cancelled(f"{source.name}: cancelled; no output written")
             t0 = time.perf_counter()
-            outputs = _run_entry(source, entry, config, device, layer_report, learned)
+            try:
+                outputs = _run_entry(entry, inputs.next(), config, device, layer_report, learned)
+            except formats.NonFiniteWeightError:
+                raise InputError(
+                    f"{at(source.name, entry.layer)}: weight contains NaN or Inf"
+                ) from None
             for name, tensor in outputs.items():
                 writer.write(name, tensor)
+            del outputs
             layer_report.time_s = time.perf_counter() - t0
             bytes_done += entry.bytes_before
             if progress is not None:
                 progress(
                     Progress(
-                        i + 1, len(plan.entries), bytes_done, total_bytes, entry.layer, layer_report
+                        i + 1,
+                        len(plan.entries),
+                        bytes_done,
+                        plan.bytes_before,
+                        entry.layer,
+                        layer_report,
                     )
                 )
         if cancel is not None and cancel():
             raise Cancelled(f"{source.name}: cancelled; no output written")
+        writes.drain()
         writer.commit()
     # --- learned rounding (issue 4) ---
-    report.notes.extend(learned.notes(report))
+    if learned is not None:
+        report.notes.extend(learned.notes(report))
     # --- end learned rounding ---
     report.elapsed_s = time.perf_counter() - started
     return report
 
 
+class _Prefetcher:
+    """Reads the next entry's tensors in a background thread while the current one computes.
+
+    Reading releases the GIL, so I/O overlaps the math. Sources that accept a ``buffer`` read
+    into a ring of three reusable slots, so no fresh memory is faulted in per tensor. Entry
+    ``i``'s slot is refilled for entry ``i + 3``, whose read starts when entry ``i + 2`` is
+    handed out; by then entry ``i``'s outputs (which may be views of its inputs) were written,
+    because the background writer drains entry ``i`` when entry ``i + 1`` is submitted.
+    """
+
+    def __init__(self, source: Source, entries: tuple[PlanEntry, ...]) -> None:
+        self._source = source
+        self._entries = iter(entries)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantizer-read")
+        self._pending: Future[dict[str, torch.Tensor]] | None = None
+        self._buffered = "buffer" in inspect.signature(source.read).parameters
+        self._slots = [torch.empty(0, dtype=torch.uint8) for _ in range(3)]
+        self._turn = 0
+
+    def _read(self, entry: PlanEntry, slot: int) -> dict[str, torch.Tensor]:
+        if not self._buffered:
+            return {t.name: self._source.read(t.name) for t in entry.inputs}
+        need = sum(_aligned(t.nbytes) for t in entry.inputs)
+        if self._slots[slot].numel() < need:
+            self._slots[slot] = torch.empty(need, dtype=torch.uint8)
+        out, offset = {}, 0
+        for t in entry.inputs:
+            view = self._slots[slot][offset : offset + t.nbytes]
+            out[t.name] = self._source.read(t.name, buffer=view)  # type: ignore[call-arg]
+            offset += _aligned(t.nbytes)
+        return out
+
+    def _submit(self) -> None:
+        entry = next(self._entries, None)
+        self._turn = (self._turn + 1) % len(self._slots)
+        self._pending = None if entry is None else self._pool.submit(self._read, entry, self._turn)
+
+    def __enter__(self) -> _Prefetcher:
+        self._submit()
+        return self
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The inputs of the next entry, in plan order (and start reading the one after)."""
+        assert self._pending is not None, "more entries requested than planned"
+        tensors = self._pending.result()
+        self._submit()
+        return tensors
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._pool.shutdown(wait=True)
+
+
+class _BackgroundWriter:
+    """Writes one entry's outputs in a thread while the next entry computes (writes release
+    the GIL). At most one entry's outputs wait; errors surface at the next submit or drain."""
+
+    def __init__(self, writer: StreamingWriter) -> None:
+        self._writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantizer-write")
+        self._pending: Future[None] | None = None
+
+    def _write(self, outputs: dict[str, torch.Tensor]) -> None:
+        for name, tensor in outputs.items():
+            self._writer.write(name, tensor)
+
+    def submit(self, outputs: dict[str, torch.Tensor]) -> None:
+        self.drain()
+        self._pending = self._pool.submit(self._write, outputs)
+
+    def drain(self) -> None:
+        """Wait for the pending write (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def __enter__(self) -> _BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)  # never leave a write running past the writer's abort
+
+
+def _aligned(n: int) -> int:
+    """Round up to 64 bytes so that every tensor view in a slot is well aligned."""
+    return (n + 63) // 64 * 64
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    """With ``n`` CPU workers, run torch single-threaded inside each (``None``: leave torch alone).
+
+    torch's own intra-op threads synchronise at every operation, which stalls badly as soon as
+    the machine is busy; our chunk workers are independent of each other.
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run_entry(
-    source: Source,
     entry: PlanEntry,
+    inputs: dict[str, torch.Tensor],
     config: QuantConfig,
     device: torch.device,
     rep: LayerReport,
@@ -120,40 +247,50 @@ def _run_entry(
         return {}
     if entry.action is Action.KEEP:
         out = entry.outputs[0]
-        tensor = source.read(entry.key)
+        tensor = inputs[entry.key]
         if out.dtype != entry.inputs[0].dtype:
-            tensor = tensor.to(OUTPUT_DTYPES[config.output_dtype])  # type: ignore[index]
+            tensor = tensor.to(dtypes.to_torch(out.dtype))  # the plan's dtype, overrides included
         return {out.name: tensor}
     if entry.action is Action.UPGRADE_LEGACY:
-        return _upgrade_legacy(source, entry)
+        return _upgrade_legacy(entry, inputs)
     # --- learned rounding (issue 4) ---
     if learned is not None and (entry.rounding == "learned" or entry.calibration is not None):
-        return learned.quantize(source, entry, rep)
+        return learned.quantize(entry, inputs, rep)
     # --- end learned rounding ---
-    return _quantize_entry(source, entry, device, rep)
+    workers = config.cpu_threads if device.type == "cpu" and config.cpu_threads else 1
+    return _quantize_entry(entry, inputs, device, rep, workers=workers)
 
 
 def _quantize_entry(
-    source: Source, entry: PlanEntry, device: torch.device, rep: LayerReport
+    entry: PlanEntry,
+    inputs: dict[str, torch.Tensor],
+    device: torch.device,
+    rep: LayerReport,
+    *,
+    workers: int = 1,
 ) -> dict[str, torch.Tensor]:
     fmt = entry.fmt
     assert fmt is not None and entry.settings is not None
-    weight = source.read(entry.key).to(device)
-    try:
-        codes, scale = formats.quantize(weight, fmt)
-    except formats.NonFiniteWeightError:
-        raise InputError(f"{at(source.name, entry.layer)}: weight contains NaN or Inf") from None
-    rep.weight_sqnr_db = formats.error_energy(weight, codes, scale, fmt).sqnr_db
+    weight = inputs[entry.key].to(device)
+    # --- kernels (issue 5): on CUDA, RTN goes through the dispatcher (Triton if usable) ---
+    if weight.is_cuda:
+        rep.extra["quantize_backend"] = dispatch.choose_quantize(weight, fmt).backend
+        codes, scale = dispatch.quantize(weight, fmt)
+        rep.weight_sqnr_db = formats.error_energy(weight, codes, scale, fmt).sqnr_db
+        return comfy_quant.layer_tensors(entry.layer, codes, scale, entry.settings)
+    # --- end kernels ---
+    codes, scale, energy = formats.quantize_and_measure(weight, fmt, workers=workers)
+    rep.weight_sqnr_db = energy.sqnr_db
     return comfy_quant.layer_tensors(entry.layer, codes, scale, entry.settings)
 
 
-def _upgrade_legacy(source: Source, entry: PlanEntry) -> dict[str, torch.Tensor]:
+def _upgrade_legacy(entry: PlanEntry, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rewrite one legacy scaled_fp8 layer: same codes, scales renamed (lossless)."""
     assert entry.settings is not None
-    weight = source.read(entry.inputs[0].name)
-    scale = source.read(entry.inputs[1].name).float().reshape(())
+    weight = inputs[entry.inputs[0].name]
+    scale = inputs[entry.inputs[1].name].float().reshape(())
     wants_input = any(t.name.endswith(comfy_quant.INPUT_SCALE_SUFFIX) for t in entry.outputs)
-    input_scale = source.read(entry.inputs[2].name).float() if wants_input else None
+    input_scale = inputs[entry.inputs[2].name].float() if wants_input else None
     return comfy_quant.layer_tensors(
         entry.layer, weight, scale, entry.settings, input_scale=input_scale
     )
@@ -161,16 +298,13 @@ def _upgrade_legacy(source: Source, entry: PlanEntry) -> dict[str, torch.Tensor]
 
 # --- learned rounding (issue 4) ----------------------------------------------------------------
 class _LearnedContext:
-    """What learned rounding needs across entries: the calibration file, the kernel choice."""
+    """What learned rounding needs across entries: the calibration file and the fallbacks."""
 
     def __init__(self, config: QuantConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
         self.calibration = CalibrationFile(config.calibration) if config.calibration else None
-        self.use_triton, reason = error_feedback.triton_status(device)
         self.fallbacks: list[str] = []
-        if not self.use_triton and device.type == "cuda":
-            self._fallback(f"error feedback runs in PyTorch, not Triton: {reason}")
 
     @classmethod
     def open(cls, config: QuantConfig, device: torch.device) -> _LearnedContext | None:
@@ -184,40 +318,33 @@ class _LearnedContext:
             self.fallbacks.append(message)
 
     def quantize(
-        self, source: Source, entry: PlanEntry, rep: LayerReport
+        self, entry: PlanEntry, inputs: dict[str, torch.Tensor], rep: LayerReport
     ) -> dict[str, torch.Tensor]:
         fmt = entry.fmt
         assert fmt is not None and entry.settings is not None
-        weight = source.read(entry.key).to(self.device)
+        weight = inputs[entry.key].to(self.device)
         stats = None
         if self.calibration is not None and entry.calibration is not None:
             stats = self.calibration.get(entry.calibration)
             if stats is not None and stats.in_features != weight.shape[1]:
                 raise InputError(
-                    f"{at(source.name, entry.layer)}: calibration {entry.calibration} has "
-                    f"{stats.in_features} input features, the weight {weight.shape[1]}"
+                    f"{entry.layer}: calibration {entry.calibration} has {stats.in_features} "
+                    f"input features, the weight {weight.shape[1]}"
                 )
         bias_in = [t for t in entry.inputs[1:] if t.name.endswith(comfy_quant.BIAS_SUFFIX)]
-        bias = source.read(bias_in[0].name).to(self.device) if bias_in else None
-        try:
-            result = quantize_layer(
-                weight,
-                fmt,
-                rounding=entry.rounding,
-                stats=stats,
-                bias=bias,
-                options=self.config.learned,
-                seed=self.config.seed,
-                use_triton=self.use_triton,
-            )
-        except formats.NonFiniteWeightError:
-            raise InputError(
-                f"{at(source.name, entry.layer)}: weight contains NaN or Inf"
-            ) from None
+        bias = inputs[bias_in[0].name].to(self.device) if bias_in else None
+        result = quantize_layer(
+            weight,
+            fmt,
+            rounding=entry.rounding,
+            stats=stats,
+            bias=bias,
+            options=self.config.learned,
+            seed=self.config.seed,
+        )
         if "learned_skipped" in result.extra:
-            self._fallback(
-                f"round-to-nearest where learned was asked: {result.extra['learned_skipped']}"
-            )
+            self._fallback(f"round-to-nearest where learned was asked: "
+                           f"{result.extra['learned_skipped']} (e.g. {entry.layer})")  # fmt: skip
         rep.weight_sqnr_db = result.weight_sqnr_db
         rep.output_sqnr_db = result.output_sqnr_db
         rep.extra.update(result.extra)
@@ -249,11 +376,8 @@ class _LearnedContext:
             if gains:
                 line += f", output SQNR {sum(gains) / len(gains):+.2f} dB mean vs round-to-nearest"
             if kept_rtn:
-                line += (
-                    f"; the guard kept round-to-nearest for {len(kept_rtn)}: "
-                    + ", ".join(kept_rtn[:5])
-                    + (" ..." if len(kept_rtn) > 5 else "")
-                )
+                shown = ", ".join(kept_rtn[:5]) + (" ..." if len(kept_rtn) > 5 else "")
+                line += f"; the guard kept round-to-nearest for {len(kept_rtn)}: {shown}"
             lines.append(line)
         return lines
 

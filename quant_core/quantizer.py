@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import error_feedback, formats
+from . import dispatch, error_feedback, formats
 from .calibration import LayerStats, Moments
 from .formats import FP8_E4M3_MAX, Format, Kind, Scaling
 from .learned import (
@@ -66,12 +66,13 @@ def quantize_layer(
     bias: torch.Tensor | None = None,
     options: LearnedOptions | None = None,
     seed: int = 0,
-    use_triton: bool = False,
+    backend: str = "auto",
 ) -> LayerResult:
     """Quantize ``weight [out, in]`` (on its device) with ``rounding`` ``nearest``/``learned``.
 
     ``stats`` are the layer's calibration statistics, ``bias [out]`` its bias (corrected only
-    when ``options.bias_correction`` and ``stats`` are given). Raises
+    when ``options.bias_correction`` and ``stats`` are given). ``backend`` picks the error
+    feedback kernel (:func:`.dispatch.choose_error_feedback`). Raises
     :class:`~.formats.NonFiniteWeightError` for NaN/Inf weights.
     """
     options = options or LearnedOptions()
@@ -90,7 +91,7 @@ def quantize_layer(
         energies = _Energies(w, rtn_hat, held, centre)
         if rounding == "learned":
             t0 = time.perf_counter()
-            cand = _learned(w, scale, fmt, stats, correct, options, seed, use_triton, extra)
+            cand = _learned(w, scale, fmt, stats, correct, options, seed, backend, extra)
             if cand is not None and _guard(w, cand, energies, stats, extra):
                 w_hat, codes = cand.w_hat, cand.codes
             extra["learned_time_s"] = time.perf_counter() - t0
@@ -140,7 +141,7 @@ def _learned(
     correct: bool,
     options: LearnedOptions,
     seed: int,
-    use_triton: bool,
+    backend: str,
     extra: dict[str, object],
 ) -> _Candidate | None:
     """Run the search; None (with the reason in ``extra``) when it cannot run."""
@@ -158,8 +159,10 @@ def _learned(
         )
         start = None
         if options.error_feedback:
+            choice = dispatch.choose_error_feedback(w.device, backend)
+            extra["feedback_backend"] = choice.backend
             start = error_feedback.error_feedback(
-                w3, s3, h, fmt.kind, damp=options.damp, use_triton=use_triton
+                w3, s3, h, fmt.kind, damp=options.damp, backend=choice.backend
             )
     else:
         objective = svd_objective(w3, options, seed)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+# --- kernels (issue 5) --------------------------------------------------------------------------
+# Without CUDA, Triton kernels run in Triton's CPU interpreter. TRITON_INTERPRET=1 must be set
+# before triton is first imported (by any test module or library, e.g. comfy-kitchen): triton's
+# own tl.* helpers are jit functions defined at import. No other code path runs Triton on CPU,
+# so nothing else changes; with a CUDA device nothing is set.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# --- end kernels --------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -48,5 +61,26 @@ def tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict
 
 
 @pytest.fixture
+def tiny_state() -> Callable[..., dict[str, torch.Tensor]]:
+    """The ``tiny_transformer`` factory, for tests that build variants of it."""
+    return tiny_transformer
+
+
+@pytest.fixture
 def tiny_model(write_model: Callable[..., Path]) -> Path:
     return write_model(tiny_transformer(), metadata={"modelspec.title": "tiny", "note": "ünïcode"})
+
+
+# --- tiny models with the real key names of each architecture (issue 3) ----------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_archs() -> ModuleType:
+    """``tests/tiny_archs.py`` (loaded by path: the tests folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "tiny_archs", Path(__file__).with_name("tiny_archs.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -34,8 +34,8 @@ _SCRIPT = textwrap.dedent(
             s = w.abs().amax(-1, keepdim=True) / (127 if kind is Kind.INT8 else 448)
             if per_col:
                 s = s * (1 + torch.rand(2, 37, 70, generator=g))
-            ref = ef.error_feedback(w, s, h, kind, block=32)
-            tri = ef.error_feedback(w, s, h, kind, block=32, use_triton=True)
+            ref = ef.error_feedback(w, s, h, kind, block=32, backend="torch")
+            tri = ef.error_feedback(w, s, h, kind, block=32, backend="triton")
             out[f"{kind.value}-{name}"] = [torch.equal(ref[0], tri[0]), torch.equal(ref[1], tri[1])]
         # no feedback (diagonal H): codes are exactly the grid rounding, ties and saturation too
         grid = torch.unique(formats.round_to_grid(torch.linspace(-460, 460, 200001), kind))
@@ -44,7 +44,7 @@ _SCRIPT = textwrap.dedent(
         vals = vals[torch.randint(len(vals), (64 * 60,), generator=g)].reshape(1, 64, 60)
         ones = torch.ones(1, 1, 1)
         eye = torch.eye(60)[None]
-        codes, _ = ef.error_feedback(vals, ones, eye, kind, block=16, use_triton=True)
+        codes, _ = ef.error_feedback(vals, ones, eye, kind, block=16, backend="triton")
         out[f"{kind.value}-grid"] = [torch.equal(codes, formats.round_to_grid(vals, kind))]
     print(json.dumps(out))
     """
