@@ -79,7 +79,7 @@ def quantize_model(
     started = time.perf_counter()
     bytes_done = 0
     # --- learned rounding (issue 4) ---
-    learned = _LearnedContext.open(config, device)
+    learned = _LearnedContext.open(config, device, plan)
     # --- end learned rounding ---
     with (
         _cpu_threads(config.cpu_threads),
@@ -307,8 +307,10 @@ class _LearnedContext:
         self.fallbacks: list[str] = []
 
     @classmethod
-    def open(cls, config: QuantConfig, device: torch.device) -> _LearnedContext | None:
-        if config.rounding != "learned" and config.calibration is None:
+    def open(cls, config: QuantConfig, device: torch.device, plan: Plan) -> _LearnedContext | None:
+        # a layer config may ask for learned rounding on some layers only
+        wanted = any(e.rounding == "learned" for e in plan.entries)
+        if not wanted and config.calibration is None:
             return None
         return cls(config, device)
 

@@ -189,3 +189,25 @@ def test_learned_options_reach_the_config(model_and_calibration) -> None:
         lr_patience=3, lr_factor=0.3, lr_cooldown=2, lr_min=1e-5, lr_threshold=0.01,
         num_iter=7, lr=0.2, early_stop=4, top_p=0.5, min_k=2, max_k=9,
         bias_correction=False)  # fmt: skip
+
+
+def test_layer_config_asks_for_learned_on_one_layer(model_and_calibration, tmp_path: Path) -> None:
+    model, cal, _ = model_and_calibration
+    config = tmp_path / "layers.json"
+    rule = {"pattern": r"mlp\.fc2", "format": "int8", "scaling": "row", "rounding": "learned"}
+    config.write_text(json.dumps({"_default": {"format": "int8", "scaling": "row"},
+                                  "rules": [rule]}))  # fmt: skip
+    for extra, kept in (([], None), (["--calibration", str(cal), "--simple"], "learned")):
+        report = tmp_path / "r.json"
+        args = ["-i", str(model), "-o", str(tmp_path / "o.safetensors"), "--overwrite",
+                "--layer-config", str(config), "--report", str(report), "--no-progress",
+                *extra]  # fmt: skip
+        assert main(args) == 0
+        layers = {r["name"]: r for r in json.loads(report.read_text())["layers"]}
+        fc2 = layers["blocks.0.mlp.fc2"]
+        assert fc2["rounding"] == "learned" and fc2["extra"].get("kept") == kept
+        if kept is None:  # no statistics: round-to-nearest, and the report says why
+            assert fc2["extra"]["learned_skipped"] == "no calibration statistics for this layer"
+            assert any("round-to-nearest where learned was asked" in n
+                       for n in json.loads(report.read_text())["notes"])  # fmt: skip
+        assert "kept" not in layers["blocks.0.mlp.fc1"]["extra"]
