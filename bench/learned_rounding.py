@@ -10,7 +10,8 @@ ships it, and guarded), and our learned rounding; then the last hidden state vs 
 
 GPU (``--gpu``): kernel checks against the PyTorch reference, then time learned rounding of a
 3072×12288 layer (and its transpose) with 4096 calibration rows against our round-to-nearest
-in the same run, for each matmul precision, plus a batched case. Prints a table last.
+(``dispatch.quantize``, Triton) in the same run, for each matmul precision, plus a batched
+case. Prints a table last.
 
     bash bench/gpu.sh bench/learned_rounding.py --gpu
 """
@@ -33,7 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from comfyui_quantizer.quant_core import error_feedback, formats  # noqa: E402
+from comfyui_quantizer.quant_core import dispatch, error_feedback, formats  # noqa: E402
 from comfyui_quantizer.quant_core.calibration import (  # noqa: E402
     CalibrationRecorder,
     LayerStats,
@@ -382,7 +383,8 @@ def gpu_bench(args: argparse.Namespace) -> dict:
         w = torch.randn(out_f, in_f, generator=g, device=device) * 0.02
         backend = "triton" if device.type == "cuda" and kernel_ok else "torch"
         for label, fmt in FORMATS.items():
-            t_rtn, _ = cuda_time(lambda w=w, fmt=fmt: formats.quantize(w, fmt), reps=5)
+            # our RTN as the conversion runs it: through the dispatcher (Triton on CUDA)
+            t_rtn, _ = cuda_time(lambda w=w, fmt=fmt: dispatch.quantize(w, fmt), reps=5)
             # the default (tf32, early stopping), the other precisions, and all 48 steps forced
             steps = LearnedOptions().num_iter
             variants = [("tf32", {}), ("bf16", {}), ("tf32", {"early_stop": steps + 1})]

@@ -1,8 +1,9 @@
 """One layer: round-to-nearest or learned codes, the guard, bias correction, ``input_scale``.
 
-Both roundings produce codes through the same functions of :mod:`.formats` (scale from the
-absmax, ``round_to_grid`` of ``w / scale``, ``quantize_with_scale`` for the stored codes), so a
-learned layer differs from round-to-nearest only in which grid value each weight takes.
+Both roundings use the same functions of :mod:`.formats`: the absmax scale and the codes of
+round-to-nearest (through :mod:`.dispatch`, bit-identical), the grid of ``round_to_grid`` for
+every value the search tries, ``dequantize`` (``codes · scale``) for both; so a learned layer
+differs from round-to-nearest only in which grid value each weight takes.
 
 With calibration statistics (:mod:`.calibration`):
 
@@ -77,8 +78,8 @@ def quantize_layer(
     """
     options = options or LearnedOptions()
     w = weight.float()
-    scale = formats.compute_scale(w, fmt)
-    rtn_codes = formats.quantize_with_scale(w, scale, fmt)
+    # the dispatcher: Triton on CUDA, formats elsewhere; bit-identical either way
+    rtn_codes, scale = dispatch.quantize(w, fmt)
     rtn_hat = formats.dequantize(rtn_codes, scale, fmt)
     stats = stats.to(w.device) if stats is not None else None
     correct = options.bias_correction and bias is not None and stats is not None
@@ -115,13 +116,13 @@ def quantize_layer(
         extra["rtn_output_sqnr_db"] = formats.sqnr_db(energies.signal, energies.rtn_plain)
         extra["output_sqnr_rows"] = "held-out" if stats.check is not None else "fit"
     if rounding == "learned":
-        extra["rtn_weight_sqnr_db"] = formats.error_energy(w, rtn_codes, scale, fmt).sqnr_db
+        extra["rtn_weight_sqnr_db"] = _weight_sqnr(w, rtn_hat)
     return LayerResult(
         codes=codes,
         scale=scale,
         bias=new_bias,
         input_scale=input_scale,
-        weight_sqnr_db=formats.error_energy(w, codes, scale, fmt).sqnr_db,
+        weight_sqnr_db=_weight_sqnr(w, w_hat),
         output_sqnr_db=output_sqnr,
         extra=extra,
     )
@@ -178,9 +179,9 @@ def _learned(
         fit_loss_start=float(result.start_loss[0]),
         fit_loss=float(result.loss[0]),
     )
-    w_hat = (result.codes[0] * s3[0]).float()
-    # encode through the same function as round-to-nearest: the codes are already on the grid
-    codes = formats.quantize_with_scale(w_hat, scale, fmt)
+    # the search's codes are grid values (``snap`` equals formats.round_to_grid): the cast to
+    # the code dtype is exact, and dequantization is the same ``codes · scale`` as for RTN
+    codes = result.codes[0].to(fmt.code_dtype)
     return _Candidate(formats.dequantize(codes, scale, fmt), codes)
 
 
@@ -255,6 +256,12 @@ def scale_3d(scale: torch.Tensor, shape: tuple[int, ...], fmt: Format) -> torch.
     if fmt.scaling is Scaling.ROW:
         return scale.reshape(1, -1, 1)
     return formats.expand_scale(scale, tuple(shape), fmt)[None].contiguous()
+
+
+def _weight_sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Weight SQNR over the whole tensor (float64 sums; two host reads, whatever the size)."""
+    wd = w.double()
+    return formats.sqnr_db(float((wd * wd).sum()), float(((wd - w_hat.double()) ** 2).sum()))
 
 
 def _db(reference: float, value: float) -> float:
