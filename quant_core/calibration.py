@@ -97,53 +97,63 @@ class LayerStats:
         )
 
 
-class _DenseSums:
-    """Running ``Σ x xᵀ``, ``Σ x``, ``max |x|``, count (float32 on the input's device)."""
+class _Sums:
+    """Running ``Σ x``, ``max |x|`` and row count of float32 rows (on the input's device)."""
 
     def __init__(self, features: int, device: torch.device) -> None:
-        self.xtx = torch.zeros(features, features, dtype=torch.float32, device=device)
         self.total = torch.zeros(features, dtype=torch.float64, device=device)
         self.absmax = torch.zeros((), dtype=torch.float32, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        if x.shape[0] == 0:
-            return
-        self.xtx.addmm_(x.T, x)
         self.total += x.sum(0, dtype=torch.float64)
         self.absmax = torch.maximum(self.absmax, x.abs().amax())
         self.count += x.shape[0]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        n = max(self.count, 1)
         return {
-            prefix + "second_moment": (self.xtx / n).cpu(),
-            **_common(prefix, self.total, self.absmax, self.count),
+            prefix + "mean": (self.total / max(self.count, 1)).float().cpu(),
+            prefix + "absmax": self.absmax.reshape(()).float().cpu(),
+            prefix + "count": torch.tensor(self.count, dtype=torch.int64),
         }
 
 
-class _SketchSums(_DenseSums):
-    """Frequent-Directions sketch ``B [rank, in]`` with ``BᵀB ⪯ Σ x xᵀ`` plus the exact diagonal.
+class _DenseSums(_Sums):
+    """Plus the dense ``Σ x xᵀ [in, in]`` (float32)."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        super().__init__(features, device)
+        self.xtx = torch.zeros(features, features, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[0] == 0:
+            return
+        super().add(x)
+        self.xtx.addmm_(x.T, x)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        n = max(self.count, 1)
+        return {prefix + "second_moment": (self.xtx / n).cpu(), **super().tensors(prefix)}
+
+
+class _SketchSums(_Sums):
+    """Plus a Frequent-Directions sketch ``B [rank, in]`` (``BᵀB ⪯ Σ x xᵀ``) and the exact diagonal.
 
     Rows are buffered up to ``2·rank``; then the buffer is shrunk to ``rank`` rows by an SVD
     whose squared singular values are reduced by the ``rank``-th one (Liberty 2013).
     """
 
     def __init__(self, features: int, device: torch.device, rank: int) -> None:
+        super().__init__(features, device)
         self.rank = rank
         self.buffer = torch.zeros(0, features, dtype=torch.float32, device=device)
         self.diag = torch.zeros(features, dtype=torch.float64, device=device)
-        self.total = torch.zeros(features, dtype=torch.float64, device=device)
-        self.absmax = torch.zeros((), dtype=torch.float32, device=device)
-        self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         if x.shape[0] == 0:
             return
+        super().add(x)
         self.diag += (x.double() ** 2).sum(0)
-        self.total += x.sum(0, dtype=torch.float64)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax())
-        self.count += x.shape[0]
         for chunk in x.split(self.rank):
             self.buffer = torch.cat([self.buffer, chunk])
             if self.buffer.shape[0] >= 2 * self.rank:
@@ -152,7 +162,7 @@ class _SketchSums(_DenseSums):
     def _shrink(self) -> None:
         _, s, vh = torch.linalg.svd(self.buffer.double(), full_matrices=False)
         keep = min(self.rank, s.shape[0])
-        delta = s[keep - 1] ** 2 if s.shape[0] >= keep else s.new_zeros(())
+        delta = s[keep - 1] ** 2
         s_new = (s[:keep] ** 2 - delta).clamp_min(0).sqrt()
         self.buffer = (s_new[:, None] * vh[:keep]).float()
 
@@ -160,18 +170,8 @@ class _SketchSums(_DenseSums):
         return {
             prefix + "sketch": self.buffer.cpu().contiguous(),
             prefix + "diag": self.diag.float().cpu(),
-            **_common(prefix, self.total, self.absmax, self.count),
+            **super().tensors(prefix),
         }
-
-
-def _common(
-    prefix: str, total: torch.Tensor, absmax: torch.Tensor, count: int
-) -> dict[str, torch.Tensor]:
-    return {
-        prefix + "mean": (total / max(count, 1)).float().cpu(),
-        prefix + "absmax": absmax.reshape(()).float().cpu(),
-        prefix + "count": torch.tensor(count, dtype=torch.int64),
-    }
 
 
 class CalibrationRecorder:
@@ -207,7 +207,7 @@ class CalibrationRecorder:
             for name, mod in module.named_modules()
             if isinstance(mod, nn.Linear)
         }
-        self._sums: dict[str, dict[str, _DenseSums]] = {}
+        self._sums: dict[str, dict[str, _Sums]] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -235,7 +235,7 @@ class CalibrationRecorder:
         if sums is None:
             features = x.shape[1]
 
-            def make() -> _DenseSums:
+            def make() -> _Sums:
                 if features > self.sketch_above:
                     return _SketchSums(features, x.device, self.sketch_rank)
                 return _DenseSums(features, x.device)
