@@ -135,8 +135,17 @@ class Format:
         return conf
 
 
-def _row_chunks(rows: int, cols: int, align: int = 1) -> Iterator[slice]:
-    """Row slices of about ``_CHUNK_ELEMENTS`` elements, each a multiple of ``align`` rows."""
+def _row_chunks(
+    rows: int, cols: int, align: int = 1, device: torch.device | None = None
+) -> Iterator[slice]:
+    """Row slices of about ``_CHUNK_ELEMENTS`` elements, each a multiple of ``align`` rows.
+
+    Chunking serves CPU caches; on a GPU the whole tensor is one chunk (each chunk ends in a
+    host read of its sums, which would otherwise cost a synchronisation per chunk).
+    """
+    if device is not None and device.type != "cpu":
+        yield slice(0, rows)
+        return
     step = max(align, (_CHUNK_ELEMENTS // max(cols, 1)) // align * align)
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
@@ -158,7 +167,7 @@ def absmax(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     rows, cols = w.shape
     b = fmt.block_size or 1
     out = torch.empty(fmt.scale_shape((rows, cols)), dtype=torch.float32, device=w.device)
-    for rs in _row_chunks(rows, cols, align=b):
+    for rs in _row_chunks(rows, cols, align=b, device=w.device):
         out[rs.start // b : rs.start // b + math.ceil((rs.stop - rs.start) / b)] = _chunk_absmax(
             w[rs].float(), fmt
         )
@@ -265,7 +274,9 @@ def quantize_and_measure(
     if scale is None and fmt.scaling is Scaling.TENSOR:
         rows, cols = w.shape
         parts = _map_chunks(
-            lambda rs: _chunk_absmax(w[rs].float(), fmt), _row_chunks(rows, cols), workers
+            lambda rs: _chunk_absmax(w[rs].float(), fmt),
+            _row_chunks(rows, cols, device=w.device),
+            workers,
         )
         scale = scale_from_absmax(torch.stack(parts).amax(), fmt)
     codes, scale, energy = _quantize_rows(w, fmt, scale, measure=True, workers=workers)
@@ -316,7 +327,7 @@ def _quantize_rows(
             error = float(torch.dot(diff, diff))
         return signal, error
 
-    parts = _map_chunks(one_chunk, _row_chunks(rows, cols, align=b), workers)
+    parts = _map_chunks(one_chunk, _row_chunks(rows, cols, align=b, device=w.device), workers)
     if not measure:
         return codes, scale, None
     # Summed in chunk order, so the result does not depend on the number of workers.
@@ -419,7 +430,7 @@ def error_energy(
     rows, cols = w.shape
     signal = error = 0.0
     align = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
-    for rs in _row_chunks(rows, cols, align=align or 1):
+    for rs in _row_chunks(rows, cols, align=align or 1, device=w.device):
         x = w[rs].float()
         diff = (
             _decode(codes[rs]).mul_(_scale_rows(scale, rs, (rows, cols), fmt)).sub_(x).reshape(-1)

@@ -99,8 +99,7 @@ def quantize_model(
                 raise InputError(
                     f"{at(source.name, entry.layer)}: weight contains NaN or Inf"
                 ) from None
-            for name, tensor in outputs.items():
-                writer.write(name, tensor)
+            writes.submit(outputs)
             del outputs
             layer_report.time_s = time.perf_counter() - t0
             bytes_done += entry.bytes_before
@@ -217,21 +216,26 @@ def _aligned(n: int) -> int:
 
 
 @contextlib.contextmanager
-def _cpu_threads(n: int | None) -> Iterator[None]:
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily ``torch.set_num_threads(n)`` (``None``: unchanged)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cpu_threads(n: int | None) -> contextlib.AbstractContextManager[None]:
     """With ``n`` CPU workers, run torch single-threaded inside each (``None``: leave torch alone).
 
     torch's own intra-op threads synchronise at every operation, which stalls badly as soon as
     the machine is busy; our chunk workers are independent of each other.
     """
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return _torch_threads(None if n is None else 1)
 
 
 def _run_entry(
@@ -330,20 +334,23 @@ class _LearnedContext:
             stats = self.calibration.get(entry.calibration)
             if stats is not None and stats.in_features != weight.shape[1]:
                 raise InputError(
-                    f"{entry.layer}: calibration {entry.calibration} has {stats.in_features} "
-                    f"input features, the weight {weight.shape[1]}"
+                    f"{self.config.calibration}: {entry.calibration}: statistics of "
+                    f"{stats.in_features} input features, but the weight {entry.layer} has "
+                    f"{weight.shape[1]}"
                 )
         bias_in = [t for t in entry.inputs[1:] if t.name.endswith(comfy_quant.BIAS_SUFFIX)]
         bias = inputs[bias_in[0].name].to(self.device) if bias_in else None
-        result = quantize_layer(
-            weight,
-            fmt,
-            rounding=entry.rounding,
-            stats=stats,
-            bias=bias,
-            options=self.config.learned,
-            seed=self.config.seed,
-        )
+        # The search is matrix work: give it torch's threads (RTN chunks run one per worker).
+        with _torch_threads(self.config.cpu_threads if self.device.type == "cpu" else None):
+            result = quantize_layer(
+                weight,
+                fmt,
+                rounding=entry.rounding,
+                stats=stats,
+                bias=bias,
+                options=self.config.learned,
+                seed=self.config.seed,
+            )
         if "learned_skipped" in result.extra:
             self._fallback(f"round-to-nearest where learned was asked: "
                            f"{result.extra['learned_skipped']} (e.g. {entry.layer})")  # fmt: skip
