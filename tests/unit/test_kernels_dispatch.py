@@ -150,5 +150,6 @@ def test_pipeline_on_cuda_uses_the_kernels_and_writes_the_cpu_bytes(
             report = quantize_model(src, config, out)
         outputs[device] = out.read_bytes()
         backends = {layer.extra.get("quantize_backend") for layer in report.layers}
-        assert backends == ({None} if device == "cpu" else {"triton", None})
+        # Both weights are quantized (2-D, sides multiples of 16): on CUDA both use Triton.
+        assert backends == ({None} if device == "cpu" else {"triton"})
     assert outputs["cpu"] == outputs["cuda"]
