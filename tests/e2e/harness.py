@@ -19,13 +19,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-MODEL_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "clip", "vae")
+MODEL_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "clip", "vae", "loras")
 
 # A test-only node: Flux conditioning without a text encoder (random context + pooled vector).
 TEST_NODES = """
@@ -62,12 +63,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_tiny_flux(out: Path, *, seed: int = 0) -> Path:
+def make_tiny_flux(out: Path, *, seed: int = 0, hidden: int = 128) -> Path:
     """Write a tiny random Flux with ComfyUI's own model class (see make_tiny_flux.py)."""
     env = comfy_env()
     assert env is not None
     subprocess.run(
-        [str(env[1]), str(HERE / "make_tiny_flux.py"), str(out), "--seed", str(seed)],
+        [str(env[1]), str(HERE / "make_tiny_flux.py"), str(out), "--seed", str(seed),
+         "--hidden", str(hidden)],
         check=True, capture_output=True, env={**os.environ, "COMFYUI_DIR": str(env[0])},
     )  # fmt: skip
     return out
@@ -166,8 +168,17 @@ class ComfyServer:
             body = r.read()
             return json.loads(body) if body else None
 
-    def run(self, graph: dict[str, Any], *, timeout: float = 300) -> RunResult:
-        """Queue ``graph`` (API format) and collect websocket events until it ends."""
+    def run(
+        self,
+        graph: dict[str, Any],
+        *,
+        timeout: float = 300,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> RunResult:
+        """Queue ``graph`` (API format) and collect websocket events until it ends.
+
+        ``on_event`` sees each event as it arrives (e.g. to press Cancel mid-run).
+        """
         import websocket  # websocket-client (dev extra)
 
         client_id = uuid.uuid4().hex
@@ -191,6 +202,8 @@ class ComfyServer:
                 if data.get("prompt_id") not in (None, prompt_id):
                     continue
                 events.append(msg)
+                if on_event is not None:
+                    on_event(msg)
                 if msg["type"] in ("execution_success", "execution_error", "execution_interrupted"):
                     break
             else:

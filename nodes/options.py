@@ -1,0 +1,115 @@
+"""The Quantize node's widgets as plain data, and their translation into a ``QuantConfig``.
+
+Kept free of ComfyUI imports so that CI tests it without a server. The node module only lists
+these choices as widgets and passes the chosen values here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from ..quant_core import ConfigError, Format, Kind, QuantConfig, Scaling
+
+PACK_ONLY_MARK = " [needs pack]"
+
+_FORMAT_ORDER = (
+    (Kind.FP8, Scaling.TENSOR),
+    (Kind.INT8, Scaling.ROW),
+    (Kind.INT8, Scaling.TENSOR),
+    (Kind.FP8, Scaling.ROW),
+    (Kind.FP8, Scaling.BLOCK),
+    (Kind.INT8, Scaling.BLOCK),
+)
+
+
+def _format_choices() -> dict[str, tuple[Kind, Scaling]]:
+    """Widget label -> (kind, scaling): stock-loadable formats first, pack-only ones marked."""
+    choices = {}
+    for kind, scaling in _FORMAT_ORDER:
+        fmt = Format(kind, scaling, 128 if scaling is Scaling.BLOCK else None)
+        label = f"{kind.value} {scaling.value}" + ("" if fmt.stock_loadable else PACK_ONLY_MARK)
+        choices[label] = (kind, scaling)
+    return choices
+
+
+# Pack-only labels carry PACK_ONLY_MARK so nobody writes a file stock ComfyUI refuses unawares.
+FORMATS: Mapping[str, tuple[Kind, Scaling]] = MappingProxyType(_format_choices())
+
+ROUNDINGS = ("nearest", "learned")
+DEVICES = ("auto", "cpu")
+# "auto": as stored for files; bf16 for a MODEL/CLIP input (ComfyUI may hold those upcast).
+KEEP_DTYPES = ("auto", "keep", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeWidgets:
+    """The raw values of the Quantize node's widgets (what the graph holds)."""
+
+    format: str = next(iter(FORMATS))
+    block_size: int = 128
+    rounding: str = "nearest"
+    keep_dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+
+
+def config_from_widgets(
+    widgets: QuantizeWidgets, *, from_graph_object: bool, compute_device: str
+) -> QuantConfig:
+    """The ``QuantConfig`` for ``widgets``; raises ``ConfigError`` naming the widget at fault.
+
+    ``from_graph_object``: the source is a MODEL/CLIP (not a file), which decides what
+    ``keep_dtype="auto"`` means. ``compute_device``: ComfyUI's device, used for ``auto``.
+    """
+    if widgets.format not in FORMATS:
+        raise ConfigError(f"format: unknown choice {widgets.format!r}; use one of {list(FORMATS)}")
+    kind, scaling = FORMATS[widgets.format]
+    if widgets.rounding not in ROUNDINGS:
+        raise ConfigError(f"rounding: unknown choice {widgets.rounding!r}; use one of {ROUNDINGS}")
+    if widgets.rounding == "learned" and not learned_rounding_available():
+        raise ConfigError(
+            "rounding: learned rounding is not available in this version of the pack; "
+            "choose 'nearest'"
+        )
+    if widgets.keep_dtype not in KEEP_DTYPES:
+        raise ConfigError(
+            f"keep_dtype: unknown choice {widgets.keep_dtype!r}; use one of {KEEP_DTYPES}"
+        )
+    if widgets.device not in DEVICES:
+        raise ConfigError(f"device: unknown choice {widgets.device!r}; use one of {DEVICES}")
+    output_dtype: str | None
+    if widgets.keep_dtype == "auto":
+        output_dtype = "bf16" if from_graph_object else None
+    elif widgets.keep_dtype == "keep":
+        output_dtype = None
+    else:
+        output_dtype = widgets.keep_dtype
+    device = compute_device if widgets.device == "auto" else widgets.device
+    try:
+        return QuantConfig(
+            kind=kind,
+            scaling=scaling,
+            block_size=widgets.block_size,
+            rounding=widgets.rounding,
+            output_dtype=output_dtype,
+            device=device,
+            seed=widgets.seed,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"Quantize node: {e}") from None
+
+
+def learned_rounding_available() -> bool:
+    """Whether quant_core can run learned rounding (its options exist on ``QuantConfig``)."""
+    return "learned" in {f.name for f in dataclasses.fields(QuantConfig)}
+
+
+def describe_choices() -> Mapping[str, str]:
+    """Format label -> the ``comfy_quant`` format name it writes (for tooltips)."""
+    return {
+        label: Format(kind, scaling, 128 if scaling is Scaling.BLOCK else None).name
+        for label, (kind, scaling) in FORMATS.items()
+    }

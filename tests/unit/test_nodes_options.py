@@ -1,0 +1,98 @@
+"""The Quantize node's widgets -> QuantConfig, without ComfyUI."""
+
+from __future__ import annotations
+
+import pytest
+
+from comfyui_quantizer.nodes.options import (
+    FORMATS,
+    PACK_ONLY_MARK,
+    QuantizeWidgets,
+    config_from_widgets,
+    learned_rounding_available,
+)
+from comfyui_quantizer.quant_core import ConfigError, Format, Kind, Scaling
+
+
+def test_stock_loadable_formats_come_first_and_pack_only_ones_are_marked() -> None:
+    stock = []
+    for label, (kind, scaling) in FORMATS.items():
+        fmt = Format(kind, scaling, 128 if scaling is Scaling.BLOCK else None)
+        assert (PACK_ONLY_MARK in label) == (not fmt.stock_loadable), label
+        stock.append(fmt.stock_loadable)
+    assert stock == sorted(stock, reverse=True), "a pack-only format is listed before a stock one"
+    assert stock.count(True) == 3  # fp8 tensor, int8 row, int8 tensor
+    # Every (kind, scaling) pair is offered exactly once.
+    assert len(set(FORMATS.values())) == len(FORMATS) == len(Kind) * len(Scaling)
+
+
+@pytest.mark.parametrize("label", list(FORMATS))
+def test_each_format_choice_gives_its_format(label: str) -> None:
+    config = config_from_widgets(
+        QuantizeWidgets(format=label, block_size=64),
+        from_graph_object=False,
+        compute_device="cpu",
+    )
+    kind, scaling = FORMATS[label]
+    assert (config.kind, config.scaling) == (kind, scaling)
+    assert config.format.block_size == (64 if scaling is Scaling.BLOCK else None)
+    assert config.format.stock_loadable == (PACK_ONLY_MARK not in label)
+
+
+def test_default_is_fp8_per_tensor_which_stock_comfyui_loads() -> None:
+    config = config_from_widgets(QuantizeWidgets(), from_graph_object=False, compute_device="cpu")
+    assert config.format == Format(Kind.FP8, Scaling.TENSOR)
+    assert config.format.stock_loadable
+
+
+@pytest.mark.parametrize(
+    ("keep", "graph_object", "expected"),
+    [
+        ("auto", False, None),  # a file: unquantized tensors keep their stored dtype
+        ("auto", True, "bf16"),  # a MODEL/CLIP: ComfyUI may hold them upcast to fp32
+        ("keep", True, None),
+        ("fp16", False, "fp16"),
+        ("fp32", True, "fp32"),
+    ],
+)
+def test_keep_dtype(keep: str, graph_object: bool, expected: str | None) -> None:
+    config = config_from_widgets(
+        QuantizeWidgets(keep_dtype=keep), from_graph_object=graph_object, compute_device="cpu"
+    )
+    assert config.output_dtype == expected
+
+
+def test_device_auto_follows_comfyui_and_cpu_forces_cpu() -> None:
+    auto = config_from_widgets(
+        QuantizeWidgets(device="auto"), from_graph_object=False, compute_device="cuda:1"
+    )
+    assert auto.device == "cuda:1"
+    forced = config_from_widgets(
+        QuantizeWidgets(device="cpu"), from_graph_object=False, compute_device="cuda:1"
+    )
+    assert forced.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("widgets", "names"),
+    [
+        (QuantizeWidgets(format="fp4 tensor"), "format"),
+        (QuantizeWidgets(rounding="stochastic"), "rounding"),
+        (QuantizeWidgets(keep_dtype="int4"), "keep_dtype"),
+        (QuantizeWidgets(device="tpu"), "device"),
+        (QuantizeWidgets(format="int8 block [needs pack]", block_size=0), "block size"),
+    ],
+)
+def test_bad_widget_values_raise_config_error_naming_the_widget(
+    widgets: QuantizeWidgets, names: str
+) -> None:
+    with pytest.raises(ConfigError, match=names):
+        config_from_widgets(widgets, from_graph_object=False, compute_device="cpu")
+
+
+@pytest.mark.skipif(learned_rounding_available(), reason="learned rounding is available")
+def test_learned_rounding_is_refused_until_quant_core_has_it() -> None:
+    with pytest.raises(ConfigError, match="learned rounding is not available"):
+        config_from_widgets(
+            QuantizeWidgets(rounding="learned"), from_graph_object=False, compute_device="cpu"
+        )

@@ -1,0 +1,228 @@
+"""Node logic through the public API, without ComfyUI: sources over a patched model, the temp
+result, progress/cancel, and the events the web view reads.
+
+ComfyUI's ModelPatcher cannot run in CI, so ``LoraPatcher`` below stands in for the two members
+the nodes use (``model`` and ``patch_weight_to_device``); the e2e suite runs the real one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfyui_quantizer.nodes import events
+from comfyui_quantizer.nodes.options import QuantizeWidgets, config_from_widgets
+from comfyui_quantizer.nodes.result import ModelType, QuantizedFile, quantize_to_temp
+from comfyui_quantizer.nodes.sources import ModelFile, PatcherSource, clip_source, model_source
+from comfyui_quantizer.quant_core import (
+    Cancelled,
+    InputError,
+    LayerReport,
+    Progress,
+    QuantConfig,
+)
+
+from ..conftest import tiny_transformer
+
+
+class StateModule:
+    """The loaded module: only ``state_dict()`` is read."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._state)
+
+
+class LoraPatcher:
+    """``model.state_dict()`` plus LoRA patches applied on read, like ComfyUI's ModelPatcher."""
+
+    def __init__(self, state: dict[str, torch.Tensor], patches: dict[str, torch.Tensor]) -> None:
+        self.model = StateModule(state)
+        self._state = state
+        self.patches = patches
+        self.reads: list[str] = []
+
+    def patch_weight_to_device(self, key: str, *, return_weight: bool) -> torch.Tensor:
+        assert return_weight, "the loaded model must never be modified"
+        self.reads.append(key)
+        weight = self._state[key]
+        if key not in self.patches:
+            return weight
+        return (weight.double() + self.patches[key].double()).to(weight.dtype)
+
+
+class Clip:
+    def __init__(self, patcher: LoraPatcher, tokenizer: dict[str, object]) -> None:
+        self.patcher = patcher
+        self.tokenizer = type("Tok", (), {"state_dict": lambda _self: tokenizer})()
+
+
+def diffusion_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A diffusion model as ComfyUI holds it: fp32 (upcast), under ``diffusion_model.``."""
+    state = {
+        f"diffusion_model.{k}": v.float() if v.is_floating_point() else v
+        for k, v in tiny_transformer(seed).items()
+    }
+    state["model_sampling.sigmas"] = torch.linspace(1, 0, 10)
+    return state
+
+
+def dequantized(saved: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
+    return saved[f"{layer}.weight"].double() * saved[f"{layer}.weight_scale"].double()
+
+
+def sqnr64(ref: torch.Tensor, got: torch.Tensor) -> float:
+    err = ref.double() - got.double()
+    return 10 * math.log10(float((ref.double() ** 2).sum()) / float((err**2).sum()))
+
+
+def test_model_source_bakes_patches_in_and_names_keys_like_a_file(tmp_path: Path) -> None:
+    state = diffusion_state()
+    g = torch.Generator().manual_seed(1)
+    key = "diffusion_model.blocks.0.mlp.fc1.weight"
+    up, down = torch.randn(256, 4, generator=g), torch.randn(4, 64, generator=g)
+    delta = (up @ down) * 0.02  # a rank-4 LoRA about as large as the weight itself
+    patcher = LoraPatcher(state, {key: delta})
+    source = model_source(patcher)
+    assert "model_sampling.sigmas" not in source.tensors()
+    assert set(source.tensors()) == {k.removeprefix("diffusion_model.") for k in state} - {
+        "model_sampling.sigmas"
+    }
+    config = config_from_widgets(
+        QuantizeWidgets(format="int8 row"), from_graph_object=True, compute_device="cpu"
+    )
+    result = quantize_to_temp(source, config, tmp_path, model_type=ModelType.DIFFUSION_MODEL)
+    saved = load_file(str(result.path))
+    baked = state[key].double() + delta.double()
+    got = dequantized(saved, "blocks.0.mlp.fc1")
+    assert sqnr64(baked, got) > 35  # INT8 per-row of the *patched* weight (~41 dB)
+    assert sqnr64(state[key], got) < 10  # ... which is far from the unpatched one
+    # Unquantized tensors of a MODEL are written as bf16 (keep_dtype "auto"), not as fp32.
+    assert saved["blocks.0.norm1.weight"].dtype == torch.bfloat16
+    assert saved["step"].dtype == torch.int64
+    assert key in patcher.reads
+
+
+def test_clip_source_takes_one_llm_or_t5_encoder_with_its_tokenizer(tmp_path: Path) -> None:
+    state = {f"t5xxl.transformer.{k}": v for k, v in tiny_transformer(2).items()}
+    spiece = torch.arange(20, dtype=torch.uint8)
+    clip = Clip(LoraPatcher(state, {}), {"spiece_model": spiece, "not_a_tensor": "x"})
+    source = clip_source(clip)
+    assert "t5xxl" in source.name
+    assert set(source.tensors()) == {*tiny_transformer(2), "spiece_model"}
+    assert torch.equal(source.read("spiece_model"), spiece)
+    assert torch.equal(source.read("head.weight"), state["t5xxl.transformer.head.weight"])
+
+
+@pytest.mark.parametrize(
+    ("components", "message"),
+    [
+        (["clip_l"], "CLIP-L/G"),
+        (["clip_l", "t5xxl"], "CLIP-L/G"),
+        (["clip_g"], "CLIP-L/G"),
+        (["qwen3_4b", "t5xxl"], "several text encoders"),
+    ],
+)
+def test_clip_l_g_and_combined_clips_are_refused(components: list[str], message: str) -> None:
+    state = {f"{c}.transformer.{k}": v for c in components for k, v in tiny_transformer().items()}
+    with pytest.raises(InputError, match=message):
+        clip_source(Clip(LoraPatcher(state, {}), {}))
+
+
+def test_a_source_with_nothing_under_the_prefix_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="holds no tensors"):
+        PatcherSource(LoraPatcher({"x.weight": torch.ones(2)}, {}), name="m", prefix="nope.")
+
+
+def test_result_lives_in_a_temp_file_until_dropped(tiny_model: Path, tmp_path: Path) -> None:
+    seen: list[Progress] = []
+    with ModelFile(tiny_model, ModelType.DIFFUSION_MODEL).open() as source:
+        result = quantize_to_temp(
+            source,
+            QuantConfig(),
+            tmp_path / "temp",
+            model_type=ModelType.DIFFUSION_MODEL,
+            progress=seen.append,
+        )
+    assert result.path.parent == tmp_path / "temp" and result.path.is_file()
+    assert result.size == result.path.stat().st_size > 0
+    assert [p.done for p in seen] == list(range(1, len(result.report.layers) + 1))
+    assert {p.total for p in seen} == {len(result.report.layers)}
+    path = result.path
+    del result
+    gc.collect()
+    assert not path.exists(), "the temp file must go with the result object"
+
+
+def test_discard_deletes_now_and_twice_is_harmless(tiny_model: Path, tmp_path: Path) -> None:
+    with ModelFile(tiny_model, ModelType.DIFFUSION_MODEL).open() as source:
+        result = quantize_to_temp(source, QuantConfig(), tmp_path, model_type=ModelType.CHECKPOINT)
+    result.discard()
+    result.discard()
+    assert not result.path.exists()
+    assert isinstance(result, QuantizedFile) and "checkpoints" in repr(result)
+
+
+def test_cancel_mid_run_leaves_no_file(tiny_model: Path, tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def cancel_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    temp = tmp_path / "temp"
+    with (
+        ModelFile(tiny_model, ModelType.DIFFUSION_MODEL).open() as source,
+        pytest.raises(Cancelled),
+    ):
+        quantize_to_temp(
+            source,
+            QuantConfig(kind="int8", scaling="row"),
+            temp,
+            model_type=ModelType.DIFFUSION_MODEL,
+            cancel=cancel_after_three,
+        )
+    assert calls["n"] == 4
+    assert list(temp.iterdir()) == []
+
+
+def test_events_carry_the_table_and_summary_as_json(tiny_model: Path, tmp_path: Path) -> None:
+    payloads: list[dict[str, object]] = []
+    with ModelFile(tiny_model, ModelType.DIFFUSION_MODEL).open() as source:
+        result = quantize_to_temp(
+            source,
+            QuantConfig(kind="int8", scaling="row"),
+            tmp_path,
+            model_type=ModelType.DIFFUSION_MODEL,
+            progress=lambda p: payloads.append(events.layer_payload("7", p)),
+        )
+    report = result.report
+    rows = [p["row"] for p in payloads if p["row"] is not None]
+    assert [r["layer"] for r in rows] == [r.name for r in report.quantized]  # type: ignore[index]
+    assert all(p["node"] == "7" for p in payloads)
+    summary = events.summary_payload("7", report)
+    assert json.loads(json.dumps(summary)) == summary  # plain JSON, no NaN/Infinity
+    assert summary["rows"] == rows
+    assert summary["quantized_layers"] == len(report.quantized) == 5
+    assert summary["stock_loadable"] is True
+    assert summary["bytes_after"] == report.bytes_after < summary["bytes_before"]  # type: ignore[operator]
+    for row in rows:
+        assert row["format"] == "int8/row"  # type: ignore[index]
+        assert 30 < row["weight_sqnr_db"] < 60  # type: ignore[index,operator]
+
+
+def test_an_exact_layer_is_sent_as_inf_not_as_invalid_json() -> None:
+    layer = LayerReport("l", "quantize", "float8_e4m3fn", "fp8/tensor", "nearest", [16, 16],
+                        "BF16", 512, 256, weight_sqnr_db=math.inf, time_s=0.0015)  # fmt: skip
+    row = events.layer_row(layer)
+    assert row == {"layer": "l", "format": "fp8/tensor", "output_sqnr_db": None,
+                   "weight_sqnr_db": "inf", "time_ms": 1.5}  # fmt: skip
+    json.dumps(row, allow_nan=False)
