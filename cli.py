@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .quant_core import (
     Report,
     SafetensorsSource,
     dry_run,
+    plan_model,
     quantize_model,
 )
 from .quant_core.config import OUTPUT_DTYPES
@@ -28,8 +30,6 @@ from .quant_core.pipeline import Progress
 
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130
-
-log = logging.getLogger("comfy-quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +148,13 @@ def run(args: argparse.Namespace) -> Report:
     input_path = Path(args.input)
     output = Path(args.output) if args.output else default_output(input_path, config)
     with SafetensorsSource(input_path) as source:
+        plan = plan_model(source, config)  # header only: warn before any long work starts
+        if not plan.stock_loadable:
+            print(
+                "comfy-quantize: WARNING: the output NEEDS the comfyui-quantizer pack to load in "
+                f"ComfyUI (pack-only formats: {', '.join(plan.pack_only_formats)})",
+                file=sys.stderr,
+            )
         if args.dry_run:
             report = dry_run(source, config, output)
         else:
@@ -158,8 +165,6 @@ def run(args: argparse.Namespace) -> Report:
                 )
             finally:
                 bar.close()
-    if not report.stock_loadable:
-        log.warning("WARNING: %s", report.loadability())
     print(report.table(all_layers=args.all_layers))
     print(report.summary())
     if not args.dry_run:
@@ -177,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args)
     except QuantError as e:
         if args.verbose:
-            log.exception("comfy-quantize: error")
+            traceback.print_exc()
         print(f"comfy-quantize: error: {e}", file=sys.stderr)
         return EXIT_CANCELLED if isinstance(e, Cancelled) else EXIT_ERROR
     except KeyboardInterrupt:

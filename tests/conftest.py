@@ -48,5 +48,11 @@ def tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict
 
 
 @pytest.fixture
+def tiny_state() -> Callable[..., dict[str, torch.Tensor]]:
+    """The ``tiny_transformer`` factory, for tests that build variants of it."""
+    return tiny_transformer
+
+
+@pytest.fixture
 def tiny_model(write_model: Callable[..., Path]) -> Path:
     return write_model(tiny_transformer(), metadata={"modelspec.title": "tiny", "note": "ünïcode"})
