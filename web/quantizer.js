@@ -16,19 +16,23 @@ const EVENT_LAYER = "comfyui_quantizer.layer";
 const EVENT_DONE = "comfyui_quantizer.done";
 const UI_KEY = "comfyui_quantizer";
 const WIDGET = "quantizer_live";
+const MIN_WIDTH = 520;
+const MIN_HEIGHT = 260;
 
 const STYLE = `
 .cq-view { font: 11px/1.35 ui-monospace, monospace; color: var(--fg-color, #ddd);
-  display: flex; flex-direction: column; gap: 4px; width: 100%; height: 100%; overflow: hidden; }
-.cq-status { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; opacity: .85; }
-.cq-scroll { flex: 1 1 auto; overflow: auto; min-height: 60px;
+  display: flex; flex-direction: column; gap: 4px; width: 100%; height: 100%;
+  box-sizing: border-box; overflow: hidden; }
+.cq-status { flex: none; white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
+  opacity: .85; }
+.cq-scroll { flex: 1 1 0; overflow: auto; min-height: 0;
   border: 1px solid var(--border-color, #444); border-radius: 4px; }
 .cq-table { border-collapse: collapse; width: 100%; }
 .cq-table th, .cq-table td { padding: 1px 6px; text-align: right; white-space: nowrap; }
-.cq-table th:first-child, .cq-table td:first-child { text-align: left; max-width: 260px;
+.cq-table th:first-child, .cq-table td:first-child { text-align: left; max-width: 240px;
   overflow: hidden; text-overflow: ellipsis; }
 .cq-table thead th { position: sticky; top: 0; background: var(--comfy-menu-bg, #222); }
-.cq-summary { white-space: pre-wrap; }
+.cq-summary { flex: none; white-space: pre-wrap; }
 .cq-summary.cq-warn { color: #f0a040; }
 `;
 
@@ -77,8 +81,10 @@ class LiveView {
     this.widget = node.addDOMWidget(WIDGET, "quantizer-live", this.root, {
       serialize: false,
       hideOnZoom: false,
-      getMinHeight: () => 180,
+      getMinHeight: () => MIN_HEIGHT,
     });
+    // Wide enough for the table's four columns.
+    if (node.size[0] < MIN_WIDTH) node.setSize([MIN_WIDTH, node.size[1]]);
   }
 
   reset(detail) {
