@@ -8,7 +8,7 @@ public methods are used, and nothing here imports ComfyUI: the node passes the o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,8 +36,8 @@ class Patcher(Protocol):
 class PatcherSource:
     """The tensors under ``prefix`` of a patched model, named as in a standalone file.
 
-    ``rename`` maps a state-dict key (prefix removed) to the key written; ``extra`` adds
-    tensors that are not parameters (a tokenizer's data). Reading a key applies the patches.
+    Keys lose ``prefix``; ``extra`` adds tensors that are not parameters (a tokenizer's data).
+    Reading a key applies the patches.
     """
 
     def __init__(
@@ -46,7 +46,6 @@ class PatcherSource:
         *,
         name: str,
         prefix: str,
-        rename: Callable[[str], str] | None = None,
         extra: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self._patcher = patcher
@@ -58,7 +57,6 @@ class PatcherSource:
             if not key.startswith(prefix):
                 continue
             out = key[len(prefix) :]
-            out = rename(out) if rename is not None else out
             self._add(out, tensor)
             self._keys[out] = key
         for key, tensor in self._extra.items():
@@ -136,18 +134,14 @@ def clip_source(clip: Any, *, name: str = "CLIP input") -> PatcherSource:
     tokenizer = {
         k: v for k, v in clip.tokenizer.state_dict().items() if isinstance(v, torch.Tensor)
     }
+    # ComfyUI nests the encoder under ``<component>.transformer.``; its file does not, and the
+    # wrapper's own parameters (``logit_scale``) are not part of the encoder's file.
     return PatcherSource(
         patcher,
         name=f"{name} ({component})",
-        prefix=component + ".",
-        rename=_strip_transformer,
+        prefix=f"{component}.transformer.",
         extra=tokenizer,
     )
-
-
-def _strip_transformer(key: str) -> str:
-    """ComfyUI nests encoders under ``transformer.``; files do not (as CLIPSave writes them)."""
-    return key[len("transformer.") :] if key.startswith("transformer.") else key
 
 
 @dataclass(frozen=True)

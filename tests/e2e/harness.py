@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 MODEL_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "clip", "vae", "loras")
 
-# A test-only node: Flux conditioning without a text encoder (random context + pooled vector).
+# Test-only nodes: Flux conditioning without a text encoder (random context + pooled vector),
+# and a CONDITIONING written to the output folder (to compare text encoders).
 TEST_NODES = """
 import torch
 
@@ -47,7 +48,28 @@ class CQTestConditioning:
         pooled = torch.randn(1, pooled_dim, generator=g)
         return ([[context, {"pooled_output": pooled, "guidance": 3.5}]],)
 
-NODE_CLASS_MAPPINGS = {"CQTestConditioning": CQTestConditioning}
+class CQTestSaveConditioning:
+    # Writes a CONDITIONING's first tensor to <output>/<filename>.safetensors.
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "filename": ("STRING", {})}}
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, conditioning, filename):
+        import os
+        import folder_paths
+        from safetensors.torch import save_file
+        path = os.path.join(folder_paths.get_output_directory(), filename + ".safetensors")
+        save_file({"cond": conditioning[0][0].float().contiguous()}, path)
+        return {}
+
+NODE_CLASS_MAPPINGS = {
+    "CQTestConditioning": CQTestConditioning,
+    "CQTestSaveConditioning": CQTestSaveConditioning,
+}
 """
 
 
@@ -61,6 +83,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_t5_base(out: Path, *, seed: int = 0) -> Path:
+    """Write a random T5-base text encoder with ComfyUI's own class (see make_t5_base.py)."""
+    env = comfy_env()
+    assert env is not None
+    subprocess.run(
+        [str(env[1]), str(HERE / "make_t5_base.py"), str(out), "--seed", str(seed)],
+        check=True, capture_output=True, env={**os.environ, "COMFYUI_DIR": str(env[0])},
+    )  # fmt: skip
+    return out
 
 
 def make_tiny_flux(out: Path, *, seed: int = 0, hidden: int = 128) -> Path:

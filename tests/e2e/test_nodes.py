@@ -16,7 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .harness import ComfyServer, RunResult, make_tiny_flux, read_latent, sample_graph
+from .harness import (
+    ComfyServer,
+    RunResult,
+    cli,
+    make_t5_base,
+    make_tiny_flux,
+    read_latent,
+    sample_graph,
+)
 
 QUANTIZE, LOAD, SAVE = "QuantizerQuantize", "QuantizerLoadModel", "QuantizerSave"
 BOUNDS = {"fp8 tensor": 0.05, "int8 row": 0.02}  # relative latent error vs bf16 (acceptance)
@@ -289,3 +297,63 @@ def test_model_input_bakes_a_lora_into_the_quantized_weights(
     # (keep_dtype auto), as in the original file, and equal to it.
     assert saved[f"{layer}.bias"].dtype == original[f"{layer}.bias"].dtype == torch.bfloat16
     assert torch.equal(saved[f"{layer}.bias"], original[f"{layer}.bias"])
+
+
+@pytest.fixture(scope="module")
+def t5_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_t5_base(tmp_path_factory.mktemp("t5") / "t5_base.safetensors")
+
+
+def test_clip_input_quantizes_a_t5_text_encoder_that_clip_loader_reloads(
+    server: ComfyServer, t5_base: Path
+) -> None:
+    """CLIPLoader -> Quantize(clip) -> Save gives the same codes as quantizing the file, and
+    CLIPLoader loads and encodes with it."""
+    shutil.copy(t5_base, server.folder("text_encoders") / t5_base.name)
+    by_file = t5_base.with_name("t5_base_int8row_cli.safetensors")
+    done = cli("-i", str(t5_base), "-o", str(by_file), "--int8", "--scaling-mode", "row")
+    assert done.returncode == 0, done.stderr
+    shutil.copy(by_file, server.folder("text_encoders") / by_file.name)
+
+    def encode(name: str, out: str) -> dict[str, Any]:
+        return {
+            "11": {"class_type": "CLIPLoader",
+                   "inputs": {"clip_name": name, "type": "stable_audio", "device": "default"}},
+            "12": {"class_type": "CLIPTextEncode",
+                   "inputs": {"clip": ["11", 0], "text": "a red fox in the snow"}},
+            "13": {"class_type": "CQTestSaveConditioning",
+                   "inputs": {"conditioning": ["12", 0], "filename": out}},
+        }  # fmt: skip
+
+    graph = encode(t5_base.name, "cond_bf16")
+    graph["1"] = quantize_node(["11", 0], "int8 row")
+    graph["1"]["inputs"]["clip"] = graph["1"]["inputs"].pop("source")
+    graph["2"] = save_node(["1", 0], "e2e/t5base")
+    first = server.run(graph)
+    assert first.status == "success", (first.events[-1:], server.log[-3000:])
+    name = saved_name(first, "2")
+    assert first.outputs("2")["comfyui_quantizer_saved"][0]["folder"] == "text_encoders"
+    listed = server.get("/object_info/CLIPLoader")["CLIPLoader"]["input"]["required"]
+    assert name in listed["clip_name"][0]
+    # text_encoders' first folder may be its legacy alias clip/ (CLIPLoader lists both).
+    folders = [server.folder("text_encoders"), server.folder("clip")]
+    (path,) = [folder / name for folder in folders if (folder / name).is_file()]
+    saved, reference = load_file(str(path)), load_file(str(by_file))
+    # Same tensors as quantizing the encoder's own file: names, dtypes and 8-bit codes.
+    assert set(saved) == set(reference)
+    quantized = [k for k, v in reference.items() if v.dtype == torch.int8]
+    assert len(quantized) == 72  # q, k, v, o, wi, wo of 12 blocks
+    for key in quantized:
+        assert torch.equal(saved[key], reference[key]), key
+    for key, tensor in reference.items():
+        assert saved[key].dtype == tensor.dtype, key
+    for name_, out in ((name, "cond_node"), (by_file.name, "cond_cli")):
+        again = server.run(encode(name_, out))
+        assert again.status == "success", (again.events[-1:], server.log[-3000:])
+    conds = {k: load_file(str(server.folder("output") / f"cond_{k}.safetensors"))["cond"]
+             for k in ("bf16", "node", "cli")}  # fmt: skip
+    assert torch.isfinite(conds["node"]).all()
+    assert rel_error(conds["node"], conds["cli"]) < 1e-3
+    # For the record: how far ComfyUI's int8 T5 (random weights) lands from bf16.
+    print(f"T5-base int8 row vs bf16: relative conditioning error "
+          f"{rel_error(conds['node'], conds['bf16']):.3f}")  # fmt: skip

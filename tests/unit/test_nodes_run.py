@@ -113,6 +113,7 @@ def test_model_source_bakes_patches_in_and_names_keys_like_a_file(tmp_path: Path
 
 def test_clip_source_takes_one_llm_or_t5_encoder_with_its_tokenizer(tmp_path: Path) -> None:
     state = {f"t5xxl.transformer.{k}": v for k, v in tiny_transformer(2).items()}
+    state["t5xxl.logit_scale"] = torch.tensor(4.6)  # the wrapper's, not the encoder's
     spiece = torch.arange(20, dtype=torch.uint8)
     clip = Clip(LoraPatcher(state, {}), {"spiece_model": spiece, "not_a_tensor": "x"})
     source = clip_source(clip)
