@@ -129,12 +129,16 @@ def quantized_run(server: ComfyServer, models: dict[str, Path]) -> dict[str, Any
     unet_list = server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"][
         "unet_name"
     ][0]
+    load_list = server.get(f"/object_info/{LOAD}")[LOAD]["input"]["required"]["model_name"][1][
+        "options"
+    ]
     reloaded = {}
     for fmt, name in names.items():
         again = server.run(sample_graph(name, latent_prefix=f"saved_{TAGS[fmt]}"))
         assert again.status == "success", (again.events[-1:], server.log[-3000:])
         reloaded[fmt] = read_latent(server, f"saved_{TAGS[fmt]}")
-    return {"first": first, "names": names, "unet_list": unet_list, "reloaded": reloaded}
+    return {"first": first, "names": names, "unet_list": unet_list, "load_list": load_list,
+            "reloaded": reloaded}  # fmt: skip
 
 
 def test_progress_rises_to_max_per_layer(quantized_run: dict[str, Any]) -> None:
@@ -161,6 +165,7 @@ def test_saved_files_appear_in_the_loader_list_without_restart(
     for name in quantized_run["names"].values():
         assert re.fullmatch(r"e2e/flux_(fp8|int8row)_00001_\.safetensors", name), name
         assert name in quantized_run["unet_list"]
+        assert f"diffusion_models/{name}" in quantized_run["load_list"]
         assert (server.folder("diffusion_models") / name).is_file()
 
 
@@ -223,8 +228,8 @@ def test_cancel_mid_run_stops_within_a_second_and_leaves_no_file(
     def press_cancel(event: dict[str, Any]) -> None:
         data = event.get("data", {})
         if event["type"] == "comfyui_quantizer.layer" and data.get("done") == 10 and not pressed:
-            server.post("/interrupt", {})
             pressed["at"] = time.monotonic()
+            server.post("/interrupt", {})
         if event["type"] == "execution_interrupted":
             pressed["stopped"] = time.monotonic()
 
@@ -257,6 +262,13 @@ def test_errors_show_as_node_errors_with_the_message(
     assert error["exception_type"].endswith("QuantizerError")
     # The user error is raised at the node boundary: no quant_core frames in the traceback.
     assert "quant_core" not in "".join(error["traceback"])
+    # Two sources at once is refused the same way.
+    graph["4"] = unet_loader(saved)
+    graph["2"]["inputs"]["model"] = ["4", 0]
+    both = server.run(graph)
+    assert both.status == "error"
+    message = both.of_type("execution_error")[0]["exception_message"]
+    assert "connect exactly one of the inputs source, model or clip (got source, model)" in message
 
 
 def test_model_input_bakes_a_lora_into_the_quantized_weights(
