@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import comfy.model_management
 import comfy.sd
@@ -67,9 +67,9 @@ def interrupted() -> bool:
     return comfy.model_management.processing_interrupted()
 
 
-def raise_interrupt(cancelled: Cancelled) -> None:
+def raise_interrupt(cancelled: Cancelled) -> NoReturn:
     """Turn our ``Cancelled`` into ComfyUI's interrupt, so the UI shows 'interrupted'."""
-    comfy.model_management.throw_exception_if_processing_interrupted()
+    comfy.model_management.throw_exception_if_processing_interrupted()  # also clears the flag
     raise comfy.model_management.InterruptProcessingException() from cancelled
 
 
@@ -93,13 +93,21 @@ class ProgressReporter:
         send(EVENT_LAYER, layer_payload(self._node_id, progress))
 
 
-def load_diffusion_model(path: Path) -> Any:
+def load_diffusion_model(path: Path) -> tuple[Any, str | None]:
     """A MODEL from a quantized diffusion-model file, exactly as UNETLoader builds it.
 
-    Returns ``None`` (and logs why) when ComfyUI does not recognise the architecture.
+    Returns ``(model, None)``, or ``(None, why)`` when ComfyUI cannot build it (the file is
+    still good to save: a pack-only format elsewhere, an architecture it does not know).
     """
-    sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
-    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={}, metadata=metadata)
+    try:
+        sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={}, metadata=metadata)
+    except Exception as e:  # ComfyUI raises plain exceptions for unknown formats
+        why = f"no MODEL output: ComfyUI could not load the result ({type(e).__name__}: {e})"
+        log.warning("comfyui-quantizer: %s", why)
+        return None, why
     if model is None:
-        log.warning("comfyui-quantizer: ComfyUI does not recognise %s as a diffusion model", path)
-    return model
+        why = "no MODEL output: ComfyUI does not recognise this diffusion model's architecture"
+        log.warning("comfyui-quantizer: %s", why)
+        return None, why
+    return model, None

@@ -216,12 +216,13 @@ class QuantizeModel(io.ComfyNode):
                 )
         except Cancelled as e:
             comfy_io.raise_interrupt(e)
-            raise
         except QuantError as e:
             raise QuantizerError(str(e)) from None
         rebuilt = None
         if result.model_type is not ModelType.TEXT_ENCODER:
-            rebuilt = comfy_io.load_diffusion_model(result.path)
+            rebuilt, why_not = comfy_io.load_diffusion_model(result.path)
+            if why_not is not None:
+                result.report.notes.append(why_not)
         summary = summary_payload(node_id, result.report)
         comfy_io.send(EVENT_DONE, summary)
         text = result.report.summary() + "\n\n" + result.report.table()

@@ -369,3 +369,23 @@ def test_clip_input_quantizes_a_t5_text_encoder_that_clip_loader_reloads(
     # For the record: how far ComfyUI's int8 T5 (random weights) lands from bf16.
     print(f"T5-base int8 row vs bf16: relative conditioning error "
           f"{rel_error(conds['node'], conds['bf16']):.3f}")  # fmt: skip
+
+
+def test_a_pack_only_format_is_saved_and_says_so(
+    server: ComfyServer, models: dict[str, Path]
+) -> None:
+    graph = {"1": load_node(models["tiny"].name)}
+    graph["2"] = quantize_node(["1", 0], "fp8 block [needs pack]", block_size=64)
+    graph["3"] = save_node(["2", 0], "packonly/flux")
+    result = server.run(graph)
+    assert result.status == "success", (result.events[-1:], server.log[-3000:])
+    summary = result.outputs("2")["comfyui_quantizer"][0]
+    assert summary["stock_loadable"] is False
+    assert "NEEDS the comfyui-quantizer pack" in summary["loadability"]
+    assert result.outputs("3")["comfyui_quantizer_saved"][0]["loads_in_stock_comfyui"] is False
+    saved = load_file(str(server.folder("diffusion_models") / saved_name(result, "3")))
+    assert saved["double_blocks.0.img_attn.qkv.weight_scale"].shape == (384 // 64, 128 // 64)
+    # Whether ComfyUI could rebuild the MODEL here depends on the pack's runtime registering
+    # the block layouts; either way the node says which.
+    built = not any(n.startswith("no MODEL output") for n in summary["notes"])
+    print(f"pack-only fp8 block64: MODEL output built in-graph: {built}; notes {summary['notes']}")
