@@ -243,7 +243,13 @@ class ComfyServer:
                 raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
         finally:
             ws.close()
-        history = self.get(f"/history/{prompt_id}").get(prompt_id, {})
+        # ComfyUI sends execution_success before its worker files the history entry: wait.
+        history: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while not history and time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}").get(prompt_id, {})
+            if not history:
+                time.sleep(0.05)
         return RunResult(prompt_id=prompt_id, events=events, history=history)
 
 
