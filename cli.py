@@ -8,10 +8,12 @@ per-tensor, which stock ComfyUI loads. Errors print one line (a traceback only w
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -21,12 +23,18 @@ from .quant_core import (
     QuantError,
     Report,
     SafetensorsSource,
+    detect,
     dry_run,
+    formats,
     plan_model,
+    presets,
     quantize_model,
 )
 from .quant_core.config import OUTPUT_DTYPES
+from .quant_core.errors import ConfigError
+from .quant_core.layer_config import FORMAT_NAMES, UNWRITABLE_FORMATS, load_layer_config
 from .quant_core.pipeline import Progress
+from .quant_core.rules import RuleOptions, layer_config_template
 
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130
@@ -82,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast the tensors that stay unquantized (default: keep their dtype)",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the math (default: half the cores, at most 8)",
+    )
+    p.add_argument(
         "--upgrade-legacy",
         action="store_true",
         help="rewrite a legacy scaled_fp8 checkpoint losslessly in the comfy_quant layout",
@@ -97,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="debug logging; tracebacks on errors"
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_rule_arguments(p)
     return p  # fmt: skip
 
 
@@ -110,7 +125,213 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         device=args.device,
         seed=args.manual_seed,
         upgrade_legacy=args.upgrade_legacy,
+        cpu_threads=args.threads if args.threads is not None else default_threads(),
+        rules=rule_options_from_args(args),
     )
+
+
+def default_threads() -> int:
+    """Half the cores (at most 8): torch's default of every core stalls badly whenever the
+    machine is busy with anything else, and the reads run in a thread of their own."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+# --- which layer gets what: presets, layer config, tiers (issue 3) ----------------------------
+
+
+def add_rule_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose per layer: preset, layer config, custom/exclude/fallback, heur."""
+    g = p.add_argument_group(
+        "which layers get what",
+        "The architecture is detected from the file (--preset auto). Layer names are tensor keys "
+        "without '.weight'. Precedence: layer config > --custom-layers > --exclude-layers > "
+        "preset keeps > --heur > primary format; norms, embeddings and keys the loader reads "
+        "shapes from are never quantized. See --help-filters and --help-experimental.",
+    )
+    g.add_argument(
+        "--preset",
+        default="auto",
+        metavar="NAME",
+        help="rules for a model family: auto (default: detect) or one of "
+        + ", ".join(presets.SELECTABLE),
+    )
+    for preset in presets.PRESETS:
+        if preset.selectable and preset.flags:
+            g.add_argument(
+                *preset.flags,
+                dest="preset_flags",
+                action="append_const",
+                const=preset.name,
+                help=f"same as --preset {preset.name}",
+            )
+    g.add_argument(
+        "--layer-config",
+        "--layer_config",
+        dest="layer_config",
+        metavar="FILE.json",
+        help="ordered per-layer rules (regex -> format or skip); see --help-experimental",
+    )
+    g.add_argument(
+        "--fullmatch",
+        "--layer-config-fullmatch",
+        dest="fullmatch",
+        action="store_true",
+        help="layer-config patterns must match the whole name",
+    )
+    g.add_argument(
+        "--layer-config-template",
+        dest="layer_config_template",
+        metavar="FILE.json",
+        help="write a layer-config template (one rule per layer family of this model) "
+        "and the plan; implies --dry-run",
+    )
+    g.add_argument(
+        "--custom-layers",
+        "--custom_layers",
+        dest="custom_layers",
+        metavar="REGEX",
+        help="layers whose name matches get --custom-type",
+    )
+    g.add_argument(
+        "--custom-type",
+        "--custom_type",
+        dest="custom_type",
+        metavar="FORMAT",
+        help="format for --custom-layers: fp8, int8 or a ComfyUI format name",
+    )
+    g.add_argument(
+        "--custom-scaling-mode",
+        "--custom_scaling_mode",
+        dest="custom_scaling",
+        metavar="MODE",
+        help="tensor, row or block (default: --scaling-mode)",
+    )
+    g.add_argument(
+        "--custom-block-size",
+        "--custom_block_size",
+        dest="custom_block_size",
+        type=int,
+        metavar="N",
+        help="block edge for custom block scaling",
+    )
+    g.add_argument(
+        "--exclude-layers",
+        "--exclude_layers",
+        dest="exclude_layers",
+        metavar="REGEX",
+        help="layers whose name matches stay in high precision",
+    )
+    g.add_argument(
+        "--fallback",
+        metavar="FORMAT",
+        help="fp8 (per tensor) or int8 (per row) for layers the chosen format cannot "
+        "take (shape not a multiple of the block size)",
+    )
+    g.add_argument(
+        "--heur",
+        action="store_true",
+        help="keep layers too small or too thin for 8-bit to pay off (with the reason)",
+    )
+    g.add_argument(
+        "--help-filters",
+        action=_PrintAndExit,
+        text=filters_help,
+        help="list the presets and what each keeps, then exit",
+    )
+    g.add_argument("--help-experimental", action=_PrintAndExit, text=experimental_help,
+                   help="list pack-only formats and what loading needs, then exit")  # fmt: skip
+
+
+def rule_options_from_args(args: argparse.Namespace) -> RuleOptions:
+    chosen = set(args.preset_flags or [])
+    if args.preset != "auto":
+        chosen.add(args.preset)
+    if len(chosen) > 1:
+        raise ConfigError(f"choose one preset, got {', '.join(sorted(chosen))}")
+    return RuleOptions(
+        preset=chosen.pop() if chosen else "auto",
+        layer_config=load_layer_config(args.layer_config) if args.layer_config else None,
+        custom_layers=args.custom_layers,
+        custom_type=args.custom_type,
+        custom_scaling=args.custom_scaling,
+        custom_block_size=args.custom_block_size,
+        exclude_layers=args.exclude_layers,
+        fallback=args.fallback,
+        heur=args.heur,
+        fullmatch=args.fullmatch,
+    )
+
+
+class _PrintAndExit(argparse.Action):
+    """``--help-filters``-style flag: print a text and exit (like ``--version``)."""
+
+    def __init__(
+        self, option_strings: list[str], dest: str, text: Callable[[], str], help: str
+    ) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs=0, help=help)
+        self.text = text
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(self.text())  # to stdout, like --help
+        parser.exit()
+
+
+def filters_help() -> str:
+    """Every preset: its flag, the architectures detected as it, what it keeps and drops."""
+    detected: dict[str, list[str]] = {}
+    for sig in detect.SIGNATURES:
+        names = detected.setdefault(sig.preset, [])
+        if sig.label not in names:
+            names.append(sig.label)
+    out = [
+        "Presets (--preset NAME; default auto: detected per part of the file).",
+        "Every preset adds its rules to the base rules. Patterns match tensor keys relative to",
+        "their part of the file (model.diffusion_model., text_encoders.NAME., ...).",
+    ]
+    for p in presets.PRESETS:
+        flags = ", ".join((f"--preset {p.name}", *p.flags)) if p.selectable else "detection only"
+        out += ["", f"{p.name}  [{flags}]  {p.summary}"]
+        if p.name in detected:
+            out.append(f"    detected for: {', '.join(detected[p.name])}")
+        out += [f"    {line}" for line in presets.describe(p)]
+    return "\n".join(out)
+
+
+def experimental_help() -> str:
+    """Formats stock ComfyUI cannot load, what they need, and the per-layer options."""
+    out = ["Formats written by this pack (format name, label, flags, who loads it):"]
+    for kind in formats.Kind:
+        for scaling in formats.Scaling:
+            fmt = formats.Format(kind, scaling, 128 if scaling is formats.Scaling.BLOCK else None)
+            flags = f"--scaling-mode {scaling.value}" + (
+                " --int8" if kind is formats.Kind.INT8 else ""
+            )
+            where = "stock ComfyUI" if fmt.stock_loadable else "PACK-ONLY"
+            out.append(f"  {fmt.name:26s} {fmt.label:14s} {flags:32s} {where}")
+    out += [
+        "",
+        "PACK-ONLY files load only in a ComfyUI that has the comfyui-quantizer pack in",
+        "custom_nodes (the pack registers its layouts when ComfyUI imports it). Stock ComfyUI",
+        "refuses the whole file: an unknown format aborts the model load. The dry run, the",
+        "report and the file's header (comfyui_quantizer.requires_pack) say when a file needs it.",
+    ]
+    out += [
+        "",
+        f"Format names accepted by --custom-type, --fallback and layer configs: "
+        f"{', '.join(FORMAT_NAMES)}.",
+        f"Never written (an error, not a substitution): {', '.join(UNWRITABLE_FORMATS)}.",
+        "",
+        "Layer config (--layer-config FILE.json), rules tried in order, first match decides:",
+        '  {"_default": {"format": "int8", "scaling": "row"},',
+        '   "rules": [{"pattern": "final_layer", "skip": true},',
+        '             {"pattern": "attn", "format": "fp8", "rounding": "learned"}]}',
+        "  Keys of a rule: pattern, format, scaling, block_size, rounding, skip, _comment.",
+        "  --layer-config-template FILE writes one commented rule per layer family of a model.",
+    ]
+    return "\n".join(out)  # fmt: skip
+
+
+# --- end of issue 3 options ---------------------------------------------------------------------
 
 
 def default_output(input_path: Path, config: QuantConfig) -> Path:
@@ -147,6 +368,7 @@ def run(args: argparse.Namespace) -> Report:
     config = config_from_args(args)
     input_path = Path(args.input)
     output = Path(args.output) if args.output else default_output(input_path, config)
+    dry = args.dry_run or bool(args.layer_config_template)
     with SafetensorsSource(input_path) as source:
         plan = plan_model(source, config)  # header only: warn before any long work starts
         if not plan.stock_loadable:
@@ -155,7 +377,12 @@ def run(args: argparse.Namespace) -> Report:
                 f"ComfyUI (pack-only formats: {', '.join(plan.pack_only_formats)})",
                 file=sys.stderr,
             )
-        if args.dry_run:
+        if args.layer_config_template:
+            template = layer_config_template(source.name, source.tensors(), config)
+            Path(args.layer_config_template).write_text(
+                json.dumps(template, indent=2) + "\n", encoding="utf-8"
+            )
+        if dry:
             report = dry_run(source, config, output)
         else:
             bar = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty())
@@ -167,8 +394,10 @@ def run(args: argparse.Namespace) -> Report:
                 bar.close()
     print(report.table(all_layers=args.all_layers))
     print(report.summary())
-    if not args.dry_run:
+    if not dry:
         print(f"wrote {output}")
+    if args.layer_config_template:
+        print(f"layer config template: {args.layer_config_template}")
     if args.report:
         report.write_json(args.report)
         print(f"report: {args.report}")

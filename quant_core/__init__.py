@@ -13,9 +13,11 @@ Public API::
 from .config import QuantConfig
 from .errors import Cancelled, ConfigError, InputError, OutputError, QuantError
 from .formats import Format, Kind, Scaling
+from .layer_config import LayerConfig, load_layer_config, parse_layer_config
 from .pipeline import Progress, dry_run, plan_model, quantize_model
 from .plan import Plan
 from .report import LayerReport, Report
+from .rules import RuleOptions, layer_config_template
 from .source import SafetensorsSource, Source, TensorInfo
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "Format",
     "InputError",
     "Kind",
+    "LayerConfig",
     "LayerReport",
     "OutputError",
     "Plan",
@@ -31,11 +34,15 @@ __all__ = [
     "QuantConfig",
     "QuantError",
     "Report",
+    "RuleOptions",
     "SafetensorsSource",
     "Scaling",
     "Source",
     "TensorInfo",
     "dry_run",
+    "layer_config_template",
+    "load_layer_config",
+    "parse_layer_config",
     "plan_model",
     "quantize_model",
 ]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ConfigError
 from .formats import Format, Kind, Scaling
+from .rules import RuleOptions
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -25,7 +26,8 @@ class QuantConfig:
     stock ComfyUI loads). ``output_dtype`` casts the tensors that stay unquantized (``None``
     keeps their dtype). ``device`` is where the math runs (``cpu``, ``cuda``, ``cuda:1``).
     ``upgrade_legacy`` rewrites a legacy ``scaled_fp8`` checkpoint losslessly in the
-    comfy_quant layout instead of refusing it.
+    comfy_quant layout instead of refusing it. ``cpu_threads`` sets torch's intra-op threads for
+    the conversion (``None`` leaves them alone; 1 is fastest on a machine that is already busy).
     """
 
     kind: Kind = Kind.FP8
@@ -36,6 +38,8 @@ class QuantConfig:
     device: str = "cpu"
     seed: int = 0
     upgrade_legacy: bool = False
+    cpu_threads: int | None = None
+    rules: RuleOptions = field(default_factory=RuleOptions)
 
     def __post_init__(self) -> None:
         try:
@@ -58,6 +62,10 @@ class QuantConfig:
             raise ConfigError(
                 f"unknown output dtype {self.output_dtype!r}; use one of {sorted(OUTPUT_DTYPES)}"
             )
+        if self.cpu_threads is not None and (
+            not isinstance(self.cpu_threads, int) or self.cpu_threads < 1
+        ):
+            raise ConfigError(f"cpu threads must be a positive integer, got {self.cpu_threads!r}")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):

@@ -23,6 +23,7 @@ fewer elements. A group whose values are all zero gets scale 1.0 (any positive s
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ INT8_MAX = 127.0
 
 # Rows are processed in chunks of about this many elements so that the float32 temporaries stay
 # in cache; the result is identical to whole-tensor math because every step is elementwise.
-_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS = 1 << 18
 
 
 class NonFiniteWeightError(ValueError):
@@ -232,14 +233,73 @@ def _encode(x: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Codes of ``w`` ``[out, in]`` for a given scale: ``round(w / scale)`` on the grid."""
+    codes, _ = _quantize_rows(w, scale, fmt, measure=False)
+    return codes
+
+
+def quantize_and_measure(
+    w: torch.Tensor, fmt: Format, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, ErrorEnergy]:
+    """Round-to-nearest codes, scale and error energy of ``w`` ``[out, in]`` in one pass.
+
+    The conversion hot path: each row chunk is read once, and the error is taken from the
+    grid values themselves, so no second decode of the codes is needed.
+    """
+    if scale is None:
+        scale = compute_scale(w, fmt)
+    codes, energy = _quantize_rows(w, scale, fmt, measure=True)
+    assert energy is not None
+    return codes, scale, energy
+
+
+def _quantize_rows(
+    w: torch.Tensor, scale: torch.Tensor, fmt: Format, *, measure: bool
+) -> tuple[torch.Tensor, ErrorEnergy | None]:
     _check_2d(w)
     rows, cols = w.shape
     codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=w.device)
+    signal = error = 0.0
     align = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
     for rs in _row_chunks(rows, cols, align=align or 1):
         s = _scale_rows(scale, rs, (rows, cols), fmt)
-        codes[rs] = _encode(w[rs].float() / s, fmt)
-    return codes
+        # In-place steps on one float32 copy of the chunk: the same values as _encode(w / s),
+        # with a third of the memory traffic (this loop is the CPU conversion's hot path).
+        y = w[rs].to(torch.float32, copy=True)
+        if measure:
+            flat = y.reshape(-1)
+            signal += float(torch.dot(flat, flat))  # float32 BLAS per chunk, summed in double
+        y.div_(s).clamp_(-fmt.qmax, fmt.qmax)
+        if fmt.kind is Kind.FP8:
+            codes[rs].copy_(y)  # round-half-to-even cast straight into the output
+            grid = _decode(codes[rs]) if measure else None
+        else:
+            grid = torch.round(y)
+            codes[rs].copy_(grid)  # exact: the values are already integers
+        if measure:
+            assert grid is not None
+            diff = grid.sub_(y).mul_(s).reshape(-1)
+            error += float(torch.dot(diff, diff))
+    return codes, (ErrorEnergy(signal, error) if measure else None)
+
+
+@functools.cache
+def _fp8_table(device: torch.device) -> torch.Tensor:
+    """The float32 value of every E4M3 bit pattern (decoding by table is ~6x faster on CPU)."""
+    return (
+        torch.arange(256, dtype=torch.int32)
+        .to(torch.uint8)
+        .view(torch.float8_e4m3fn)
+        .float()
+        .to(device)
+    )
+
+
+def _decode(codes: torch.Tensor) -> torch.Tensor:
+    """Codes -> float32 grid values (exact)."""
+    if codes.dtype == torch.float8_e4m3fn and codes.device.type == "cpu":
+        flat = codes.reshape(-1).view(torch.uint8).int()
+        return torch.index_select(_fp8_table(codes.device), 0, flat).reshape(codes.shape)
+    return codes.float()
 
 
 def quantize(w: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +313,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Codes and scale -> ``codes * scale`` in float32, then cast to ``dtype``."""
     full = expand_scale(scale.float(), tuple(codes.shape), fmt)
-    return (codes.float() * full).to(dtype)
+    return (_decode(codes) * full).to(dtype)
 
 
 def _scale_rows(
@@ -296,14 +356,16 @@ def sqnr_db(signal: float, error: float) -> float:
 def error_energy(
     w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fmt: Format
 ) -> ErrorEnergy:
-    """Signal and quantization-error energy of ``codes * scale`` against ``w`` (float64 sums)."""
+    """Signal and quantization-error energy of ``codes * scale`` against ``w``."""
     rows, cols = w.shape
-    signal = torch.zeros((), dtype=torch.float64, device=w.device)
-    error = torch.zeros((), dtype=torch.float64, device=w.device)
+    signal = error = 0.0
     align = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
     for rs in _row_chunks(rows, cols, align=align or 1):
         x = w[rs].float()
-        diff = x - codes[rs].float() * _scale_rows(scale, rs, (rows, cols), fmt)
-        signal += torch.sum(x * x, dtype=torch.float64)
-        error += torch.sum(diff * diff, dtype=torch.float64)
-    return ErrorEnergy(float(signal), float(error))
+        diff = (
+            _decode(codes[rs]).mul_(_scale_rows(scale, rs, (rows, cols), fmt)).sub_(x).reshape(-1)
+        )
+        flat = x.reshape(-1)
+        signal += float(torch.dot(flat, flat))
+        error += float(torch.dot(diff, diff))
+    return ErrorEnergy(signal, error)

@@ -7,15 +7,17 @@ cancel. Only one entry's tensors are alive at a time.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import comfy_quant, formats
-from .config import OUTPUT_DTYPES, QuantConfig
+from . import comfy_quant, dtypes, formats
+from .config import QuantConfig
 from .errors import Cancelled, InputError, at
 from .plan import Action, Plan, PlanEntry, build_plan
 from .report import LayerReport, Report
@@ -68,24 +70,39 @@ def quantize_model(
     plan = plan_model(source, config)
     report = Report.from_plan(plan, output)
     device = torch.device(config.device)
-    total_bytes = plan.bytes_before
     started = time.perf_counter()
     bytes_done = 0
-    with StreamingWriter(
-        output, plan.outputs, plan.metadata, overwrite=overwrite, input_path=source.path
-    ) as writer:
+    with (
+        _cpu_threads(config.cpu_threads),
+        StreamingWriter(
+            output, plan.outputs, plan.metadata, overwrite=overwrite, input_path=source.path
+        ) as writer,
+        _Prefetcher(source, plan.entries) as inputs,
+    ):
         for i, (entry, layer_report) in enumerate(zip(plan.entries, report.layers, strict=True)):
             if cancel is not None and cancel():
                 raise Cancelled(f"{source.name}: cancelled; no output written")
             t0 = time.perf_counter()
-            for name, tensor in _run_entry(source, entry, config, device, layer_report).items():
+            try:
+                outputs = _run_entry(entry, inputs.next(), config, device, layer_report)
+            except formats.NonFiniteWeightError:
+                raise InputError(
+                    f"{at(source.name, entry.layer)}: weight contains NaN or Inf"
+                ) from None
+            for name, tensor in outputs.items():
                 writer.write(name, tensor)
+            del outputs
             layer_report.time_s = time.perf_counter() - t0
             bytes_done += entry.bytes_before
             if progress is not None:
                 progress(
                     Progress(
-                        i + 1, len(plan.entries), bytes_done, total_bytes, entry.layer, layer_report
+                        i + 1,
+                        len(plan.entries),
+                        bytes_done,
+                        plan.bytes_before,
+                        entry.layer,
+                        layer_report,
                     )
                 )
         if cancel is not None and cancel():
@@ -95,44 +112,95 @@ def quantize_model(
     return report
 
 
+class _Prefetcher:
+    """Reads the next entry's tensors in a background thread while the current one computes.
+
+    Reading releases the GIL, so I/O overlaps the math; at most two entries' inputs are alive.
+    """
+
+    def __init__(self, source: Source, entries: tuple[PlanEntry, ...]) -> None:
+        self._source = source
+        self._entries = iter(entries)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantizer-read")
+        self._pending: Future[dict[str, torch.Tensor]] | None = None
+
+    def _read(self, entry: PlanEntry) -> dict[str, torch.Tensor]:
+        return {t.name: self._source.read(t.name) for t in entry.inputs}
+
+    def _submit(self) -> None:
+        entry = next(self._entries, None)
+        self._pending = None if entry is None else self._pool.submit(self._read, entry)
+
+    def __enter__(self) -> _Prefetcher:
+        self._submit()
+        return self
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The inputs of the next entry, in plan order (and start reading the one after)."""
+        assert self._pending is not None, "more entries requested than planned"
+        tensors = self._pending.result()
+        self._submit()
+        return tensors
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op CPU threads (``None``: leave torch's setting alone)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run_entry(
-    source: Source, entry: PlanEntry, config: QuantConfig, device: torch.device, rep: LayerReport
+    entry: PlanEntry,
+    inputs: dict[str, torch.Tensor],
+    config: QuantConfig,
+    device: torch.device,
+    rep: LayerReport,
 ) -> dict[str, torch.Tensor]:
     """The output tensors of one plan entry (updates ``rep`` with what it measured)."""
     if entry.action is Action.DROP:
         return {}
     if entry.action is Action.KEEP:
         out = entry.outputs[0]
-        tensor = source.read(entry.key)
+        tensor = inputs[entry.key]
         if out.dtype != entry.inputs[0].dtype:
-            tensor = tensor.to(OUTPUT_DTYPES[config.output_dtype])  # type: ignore[index]
+            tensor = tensor.to(dtypes.to_torch(out.dtype))  # the plan's dtype, overrides included
         return {out.name: tensor}
     if entry.action is Action.UPGRADE_LEGACY:
-        return _upgrade_legacy(source, entry)
-    return _quantize_entry(source, entry, device, rep)
+        return _upgrade_legacy(entry, inputs)
+    return _quantize_entry(entry, inputs, device, rep)
 
 
 def _quantize_entry(
-    source: Source, entry: PlanEntry, device: torch.device, rep: LayerReport
+    entry: PlanEntry, inputs: dict[str, torch.Tensor], device: torch.device, rep: LayerReport
 ) -> dict[str, torch.Tensor]:
     fmt = entry.fmt
     assert fmt is not None and entry.settings is not None
-    weight = source.read(entry.key).to(device)
-    try:
-        codes, scale = formats.quantize(weight, fmt)
-    except formats.NonFiniteWeightError:
-        raise InputError(f"{at(source.name, entry.layer)}: weight contains NaN or Inf") from None
-    rep.weight_sqnr_db = formats.error_energy(weight, codes, scale, fmt).sqnr_db
+    weight = inputs[entry.key].to(device)
+    codes, scale, energy = formats.quantize_and_measure(weight, fmt)
+    rep.weight_sqnr_db = energy.sqnr_db
     return comfy_quant.layer_tensors(entry.layer, codes, scale, entry.settings)
 
 
-def _upgrade_legacy(source: Source, entry: PlanEntry) -> dict[str, torch.Tensor]:
+def _upgrade_legacy(entry: PlanEntry, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rewrite one legacy scaled_fp8 layer: same codes, scales renamed (lossless)."""
     assert entry.settings is not None
-    weight = source.read(entry.inputs[0].name)
-    scale = source.read(entry.inputs[1].name).float().reshape(())
+    weight = inputs[entry.inputs[0].name]
+    scale = inputs[entry.inputs[1].name].float().reshape(())
     wants_input = any(t.name.endswith(comfy_quant.INPUT_SCALE_SUFFIX) for t in entry.outputs)
-    input_scale = source.read(entry.inputs[2].name).float() if wants_input else None
+    input_scale = inputs[entry.inputs[2].name].float() if wants_input else None
     return comfy_quant.layer_tensors(
         entry.layer, weight, scale, entry.settings, input_scale=input_scale
     )

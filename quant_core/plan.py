@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import comfy_quant, dtypes
 from .config import OUTPUT_DTYPES, QuantConfig
+from .detect import detect
 from .errors import InputError
 from .formats import Format, Kind, Scaling
-from .rules import Decision, decide
+from .rules import Decision, decide_all
 from .source import Source, TensorInfo, describe_existing_quantization, legacy_scaled_fp8_prefix
 
 PACK_VERSION = "0.1.0"
@@ -101,11 +102,12 @@ class Plan:
         return sum(e.bytes_after for e in self.entries)
 
 
-DecideFn = Callable[[TensorInfo, QuantConfig], Decision]
+def build_plan(source: Source, config: QuantConfig) -> Plan:
+    """Decide every tensor of ``source`` under ``config``; raises before any data is read.
 
-
-def build_plan(source: Source, config: QuantConfig, *, decide_fn: DecideFn = decide) -> Plan:
-    """Decide every tensor of ``source`` under ``config``; raises before any data is read."""
+    Records the detected architecture and every warning of the rules (``architecture``,
+    ``notes``); see :mod:`.rules` for how each tensor is decided.
+    """
     existing = describe_existing_quantization(source)
     legacy_prefix = legacy_scaled_fp8_prefix(source)
     if existing is not None and not (config.upgrade_legacy and legacy_prefix is not None):
@@ -120,16 +122,18 @@ def build_plan(source: Source, config: QuantConfig, *, decide_fn: DecideFn = dec
     if not infos:
         raise InputError(f"{source.name}: the file holds no tensors")
     if legacy_prefix is not None:
+        architecture = detect(infos).summary
         entries = _legacy_entries(source, legacy_prefix)
         notes: tuple[str, ...] = ("legacy scaled_fp8 layers rewritten without requantizing",)
     else:
-        entries = [_entry(info, decide_fn(info, config), config) for info in infos.values()]
-        notes = ()
+        decisions = decide_all(source.name, infos, config)
+        entries = [_entry(info, decisions.by_key[key], config) for key, info in infos.items()]
+        notes, architecture = decisions.notes, decisions.architecture
     plan_entries = tuple(entries)
     quantized = {e.layer: e.settings for e in plan_entries if e.settings is not None}
     metadata = dict(source.metadata)
     metadata[comfy_quant.QUANT_METADATA_KEY] = comfy_quant.header_metadata(quantized)
-    plan = Plan(source.name, plan_entries, metadata, notes=notes)
+    plan = Plan(source.name, plan_entries, metadata, architecture=architecture, notes=notes)
     metadata[comfy_quant.PACK_METADATA_KEY] = json.dumps(
         {
             "version": PACK_VERSION,
@@ -142,9 +146,13 @@ def build_plan(source: Source, config: QuantConfig, *, decide_fn: DecideFn = dec
 
 
 def _entry(info: TensorInfo, decision: Decision, config: QuantConfig) -> PlanEntry:
+    if decision.drop:
+        return PlanEntry(info.name, Action.DROP, (info,), (), reason=decision.reason)
     if decision.fmt is None:
         out_dtype = info.dtype
-        if config.output_dtype is not None and info.dtype in dtypes.FLOAT_DTYPES:
+        if decision.keep_dtype is not None:
+            out_dtype = decision.keep_dtype
+        elif config.output_dtype is not None and info.dtype in dtypes.FLOAT_DTYPES:
             out_dtype = dtypes.to_safetensors(OUTPUT_DTYPES[config.output_dtype])
         return PlanEntry(
             key=info.name,
@@ -154,7 +162,9 @@ def _entry(info: TensorInfo, decision: Decision, config: QuantConfig) -> PlanEnt
             reason=decision.reason,
         )
     layer = comfy_quant.layer_name(info.name)
-    settings = comfy_quant.settings_for(decision.fmt)
+    settings = comfy_quant.settings_for(
+        decision.fmt, full_precision_matrix_mult=decision.weight_only
+    )
     specs = comfy_quant.output_specs(layer, info.shape, decision.fmt, settings)
     return PlanEntry(
         key=info.name,

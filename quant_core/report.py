@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .plan import Action, Plan, PlanEntry
+from .writer import layout
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     elapsed_s: float | None = None
     dry_run: bool = False
+    file_bytes: int | None = None  # exact size of the output file (header + data)
 
     @classmethod
     def from_plan(cls, plan: Plan, output: Path | None, *, dry_run: bool = False) -> Report:
@@ -76,6 +78,7 @@ class Report:
             layers=[LayerReport.from_entry(e) for e in plan.entries],
             notes=list(plan.notes),
             dry_run=dry_run,
+            file_bytes=_file_bytes(plan),
         )
 
     @property
@@ -127,32 +130,40 @@ class Report:
         )
 
     def table(self, *, all_layers: bool = False) -> str:
-        """Fixed-width table of quantized layers (and kept ones with ``all_layers``)."""
-        rows = [r for r in self.layers if all_layers or r.action != Action.KEEP.value]
-        head = [
-            "layer",
-            "format",
-            "shape",
-            "MB before",
-            "MB after",
-            "W-SQNR dB",
-            "out-SQNR dB",
-            "s",
-        ]
-        lines = [[
-            r.name if r.action != Action.KEEP.value else f"{r.name} (kept: {r.reason})",
-            r.scaling or r.format or r.action,
-            "x".join(map(str, r.shape)) or "scalar",
-            f"{r.bytes_before / 1e6:.2f}",
-            f"{r.bytes_after / 1e6:.2f}",
-            _fmt(r.weight_sqnr_db),
-            _fmt(r.output_sqnr_db),
-            _fmt(r.time_s, 3),
-        ] for r in rows]  # fmt: skip
+        """Fixed-width table of quantized layers (all entries with ``all_layers`` or a dry run).
+
+        A dry run shows the plan (action, format, rounding, sizes, reason); a conversion shows
+        the measured errors and times instead of the reason.
+        """
+        show_all = all_layers or self.dry_run
+        quantize = Action.QUANTIZE.value
+        rows = [r for r in self.layers if show_all or r.action not in ("keep", "drop")]
+        head = ["layer", "format", "rounding", "shape", "MB before", "MB after"]
+        head += ["reason"] if self.dry_run else ["W-SQNR dB", "out-SQNR dB", "s"]
+        lines = []
+        for r in rows:
+            name = r.name
+            if r.action != quantize and not self.dry_run:
+                name = f"{r.name} ({r.action}: {r.reason})"
+            cells = [
+                name,
+                r.scaling or r.format or r.action,
+                r.rounding or "-",
+                "x".join(map(str, r.shape)) or "scalar",
+                f"{r.bytes_before / 1e6:.2f}",
+                f"{r.bytes_after / 1e6:.2f}",
+            ]
+            if self.dry_run:
+                cells.append(r.reason if r.action == quantize else f"{r.action}: {r.reason}")
+            else:
+                cells += [_fmt(r.weight_sqnr_db), _fmt(r.output_sqnr_db), _fmt(r.time_s, 3)]
+            lines.append(cells)
         widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
-        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
         out.append("  ".join("-" * w for w in widths))
-        out += ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in lines]
+        out += [
+            "  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip() for x in lines
+        ]
         return "\n".join(out)
 
     def summary(self) -> str:
@@ -170,10 +181,20 @@ class Report:
             parts.append(f"{self.elapsed_s:.1f} s")
         lines = [
             "; ".join(parts),
-            ("dry run: " if self.dry_run else "result ") + self.loadability(),
+            f"architecture: {self.architecture or 'not detected'}",
         ]
+        if self.file_bytes is not None:
+            size = f"{self.file_bytes} bytes ({self.file_bytes / 1e6:.1f} MB)"
+            lines.append(("predicted file size: " if self.dry_run else "file size: ") + size)
+        lines.append(("dry run: result " if self.dry_run else "result ") + self.loadability())
         lines += self.notes
         return "\n".join(lines)
+
+
+def _file_bytes(plan: Plan) -> int:
+    """Exact output size: the writer's header plus every tensor's bytes."""
+    header, offsets = layout(plan.outputs, plan.metadata)
+    return len(header) + sum(end - begin for begin, end in offsets.values())
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

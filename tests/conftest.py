@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -56,3 +58,18 @@ def tiny_state() -> Callable[..., dict[str, torch.Tensor]]:
 @pytest.fixture
 def tiny_model(write_model: Callable[..., Path]) -> Path:
     return write_model(tiny_transformer(), metadata={"modelspec.title": "tiny", "note": "ünïcode"})
+
+
+# --- tiny models with the real key names of each architecture (issue 3) ----------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_archs() -> ModuleType:
+    """``tests/tiny_archs.py`` (loaded by path: the tests folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "tiny_archs", Path(__file__).with_name("tiny_archs.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -116,7 +116,8 @@ def test_sqnr_on_gaussian_4096(
     codes, scale = formats.quantize(gaussian, fmt)
     db = sqnr64(gaussian, formats.dequantize(codes, scale, fmt))
     assert low <= db <= high
-    assert formats.error_energy(gaussian, codes, scale, fmt).sqnr_db == pytest.approx(db, abs=1e-6)
+    # float32 dot products per chunk: agreement with float64 to well under 0.001 dB.
+    assert formats.error_energy(gaussian, codes, scale, fmt).sqnr_db == pytest.approx(db, abs=1e-4)
 
 
 def test_int8_block_rounding_beats_truncation_by_about_6_db(gaussian: torch.Tensor) -> None:
@@ -150,6 +151,7 @@ def test_chunked_math_equals_whole_tensor_math(
     fmt: Format, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = torch.randn(520, 136, generator=torch.Generator().manual_seed(3)).to(dtype)
+    w_before = w.clone()
     whole_scale = formats.scale_from_absmax(_absmax_whole(w.float(), fmt), fmt)
     whole_codes = formats._encode(
         w.float() / formats.expand_scale(whole_scale, (520, 136), fmt), fmt
@@ -158,6 +160,14 @@ def test_chunked_math_equals_whole_tensor_math(
     codes, scale = formats.quantize(w, fmt)
     assert torch.equal(scale, whole_scale)
     assert torch.equal(codes.view(torch.uint8), whole_codes.view(torch.uint8))
+    # The fused hot path gives the same codes, and energies equal to the separate measurement.
+    fused_codes, fused_scale, energy = formats.quantize_and_measure(w, fmt)
+    assert torch.equal(fused_codes.view(torch.uint8), whole_codes.view(torch.uint8))
+    assert torch.equal(fused_scale, whole_scale)
+    separate = formats.error_energy(w, whole_codes, whole_scale, fmt)
+    assert energy.signal == pytest.approx(separate.signal, rel=1e-5)
+    assert energy.error == pytest.approx(separate.error, rel=1e-4)
+    assert torch.equal(w, w_before)  # the input is never modified in place
 
 
 def _absmax_whole(w: torch.Tensor, fmt: Format) -> torch.Tensor:
