@@ -54,6 +54,7 @@ def summary_payload(node: str, report: Report) -> dict[str, object]:
     return {
         "node": node,
         "source": report.source,
+        "architecture": report.architecture,
         "bytes_before": report.bytes_before,
         "bytes_after": report.bytes_after,
         "quantized_layers": len(quantized),

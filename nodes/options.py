@@ -7,11 +7,22 @@ these choices as widgets and passes the chosen values here.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ..quant_core import ConfigError, Format, Kind, QuantConfig, Scaling
+from ..quant_core import (
+    ConfigError,
+    Format,
+    Kind,
+    LayerConfig,
+    QuantConfig,
+    RuleOptions,
+    Scaling,
+    parse_layer_config,
+)
+from ..quant_core.presets import SELECTABLE
 
 PACK_ONLY_MARK = " [needs pack]"
 
@@ -38,6 +49,7 @@ def _format_choices() -> dict[str, tuple[Kind, Scaling]]:
 # Pack-only labels carry PACK_ONLY_MARK so nobody writes a file stock ComfyUI refuses unawares.
 FORMATS: Mapping[str, tuple[Kind, Scaling]] = MappingProxyType(_format_choices())
 
+PRESETS = ("auto", *SELECTABLE)  # auto: detect the architecture of each part of the model
 ROUNDINGS = ("nearest", "learned")
 DEVICES = ("auto", "cpu")
 # "auto": as stored for files; bf16 for a MODEL/CLIP input (ComfyUI may hold those upcast).
@@ -48,12 +60,14 @@ KEEP_DTYPES = ("auto", "keep", "bf16", "fp16", "fp32")
 class QuantizeWidgets:
     """The raw values of the Quantize node's widgets (what the graph holds)."""
 
+    preset: str = "auto"
     format: str = next(iter(FORMATS))
     block_size: int = 128
     rounding: str = "nearest"
     keep_dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
+    layer_config: str = ""  # JSON text, as in a --layer-config file; empty: none
 
 
 def config_from_widgets(
@@ -88,7 +102,12 @@ def config_from_widgets(
     else:
         output_dtype = widgets.keep_dtype
     device = compute_device if widgets.device == "auto" else widgets.device
+    if widgets.preset not in PRESETS:
+        raise ConfigError(f"preset: unknown choice {widgets.preset!r}; use one of {PRESETS}")
     try:
+        rules = RuleOptions(
+            preset=widgets.preset, layer_config=parse_layer_config_text(widgets.layer_config)
+        )
         return QuantConfig(
             kind=kind,
             scaling=scaling,
@@ -97,9 +116,21 @@ def config_from_widgets(
             output_dtype=output_dtype,
             device=device,
             seed=widgets.seed,
+            rules=rules,
         )
     except ConfigError as e:
         raise ConfigError(f"Quantize node: {e}") from None
+
+
+def parse_layer_config_text(text: str) -> LayerConfig | None:
+    """The layer-config widget's JSON (the ``--layer-config`` file format); ``None`` if blank."""
+    if not text.strip():
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"layer_config: not valid JSON ({e})") from None
+    return parse_layer_config(data, origin="(layer_config widget)")
 
 
 def learned_rounding_available() -> bool:

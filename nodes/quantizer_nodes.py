@@ -20,6 +20,7 @@ from .options import (
     FORMATS,
     KEEP_DTYPES,
     PACK_ONLY_MARK,
+    PRESETS,
     ROUNDINGS,
     QuantizeWidgets,
     config_from_widgets,
@@ -109,6 +110,13 @@ class QuantizeModel(io.ComfyNode):
                     "they load silently wrong when quantized).",
                 ),
                 io.Combo.Input(
+                    "preset",
+                    options=list(PRESETS),
+                    default="auto",
+                    tooltip="Which layers stay in high precision. auto: detected from the model "
+                    "(Flux, Chroma, WAN, Hunyuan, Qwen-Image, Z-Image, T5, LLM encoders...).",
+                ),
+                io.Combo.Input(
                     "format",
                     options=list(FORMATS),
                     default=next(iter(FORMATS)),
@@ -137,6 +145,15 @@ class QuantizeModel(io.ComfyNode):
                     max=2**31 - 1,
                     control_after_generate=False,
                     tooltip="Seed of anything random (learned rounding).",
+                ),
+                io.String.Input(
+                    "layer_config",
+                    multiline=True,
+                    default="",
+                    placeholder='optional per-layer rules (JSON), e.g. {"rules": '
+                    '[{"pattern": "final_layer", "skip": true}]}',
+                    tooltip="Per-layer rules in the --layer-config JSON format (first match "
+                    "wins; skip keeps a layer). Empty: the preset alone decides.",
                 ),
                 io.Combo.Input(
                     "keep_dtype",
@@ -171,10 +188,12 @@ class QuantizeModel(io.ComfyNode):
     @classmethod
     def execute(
         cls,
+        preset: str,
         format: str,
         block_size: int,
         rounding: str,
         seed: int,
+        layer_config: str,
         keep_dtype: str,
         device: str,
         source: ModelFile | None = None,
@@ -190,12 +209,14 @@ class QuantizeModel(io.ComfyNode):
                 + (f" (got {', '.join(given)})" if given else "")
             )
         widgets = QuantizeWidgets(
+            preset=preset,
             format=format,
             block_size=block_size,
             rounding=rounding,
             keep_dtype=keep_dtype,
             device=device,
             seed=seed,
+            layer_config=layer_config,
         )
         try:
             config = config_from_widgets(

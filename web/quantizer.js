@@ -83,6 +83,7 @@ class LiveView {
       hideOnZoom: false,
       getMinHeight: () => MIN_HEIGHT,
     });
+    this.widget.serialize = false; // a view, not a value: keep it out of saved workflows
     // Wide enough for the table's four columns.
     if (node.size[0] < MIN_WIDTH) node.setSize([MIN_WIDTH, node.size[1]]);
   }
@@ -123,7 +124,8 @@ class LiveView {
         ? `mean output SQNR ${fmtDb(summary.mean_output_sqnr_db)} dB`
         : `mean weight SQNR ${fmtDb(summary.mean_weight_sqnr_db)} dB`;
     const lines = [
-      `${summary.quantized_layers} layers quantized, ${summary.kept_tensors} tensors kept`,
+      `${summary.architecture ?? "architecture not detected"}: ` +
+        `${summary.quantized_layers} layers quantized, ${summary.kept_tensors} tensors kept`,
       `size ${fmtMb(summary.bytes_before)} -> ${fmtMb(summary.bytes_after)}; ${mean}`,
       summary.loadability,
       ...summary.notes,

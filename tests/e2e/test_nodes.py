@@ -50,8 +50,9 @@ def server(models: dict[str, Path]) -> Any:
 
 
 def quantize_node(source: list[Any], fmt: str, **widgets: Any) -> dict[str, Any]:
-    inputs = {"source": source, "format": fmt, "block_size": 128, "rounding": "nearest",
-              "seed": 0, "keep_dtype": "auto", "device": "auto"}  # fmt: skip
+    inputs = {"source": source, "preset": "auto", "format": fmt, "block_size": 128,
+              "rounding": "nearest", "seed": 0, "layer_config": "", "keep_dtype": "auto",
+              "device": "auto"}  # fmt: skip
     if source[0] == "model":  # a MODEL input instead of a file
         inputs = {**inputs, "model": source[1]}
         del inputs["source"]
@@ -99,7 +100,12 @@ def test_object_info_lists_the_nodes_with_their_widgets(server: ComfyServer) -> 
     )
     assert load["output"] == ["QUANT_SOURCE"]
     widgets = quant["input"]["required"]
-    assert set(widgets) >= {"format", "block_size", "rounding", "seed", "keep_dtype", "device"}
+    assert set(widgets) >= {"preset", "format", "block_size", "rounding", "seed",
+                            "layer_config", "keep_dtype", "device"}  # fmt: skip
+    assert quant["input_order"]["required"][0] == "preset"
+    assert widgets["preset"][1]["options"][0] == "auto"
+    assert {"flux1", "wan", "qwen", "t5xxl", "llm"} <= set(widgets["preset"][1]["options"])
+    assert widgets["layer_config"][1]["multiline"] is True
     formats = widgets["format"][1]["options"]
     assert formats[:3] == ["fp8 tensor", "int8 row", "int8 tensor"]  # stock-loadable first
     assert all(f.endswith("[needs pack]") for f in formats[3:])

@@ -128,10 +128,10 @@ def test_after_a_run_the_node_shows_the_layer_table_and_summary(page_run: dict[s
     assert dom["visible"] and dom["status"].startswith("done in")
     assert dom["header"] == ["layer", "format", "SQNR dB", "ms"]
     assert [r[0] for r in dom["rows"]] == [row["layer"] for row in report["rows"]]
-    assert len(dom["rows"]) == report["quantized_layers"] == 36
+    assert len(dom["rows"]) == report["quantized_layers"] == 26  # the flux1 preset keeps 10
     for cells, row in zip(dom["rows"], report["rows"], strict=True):
         assert cells[1] == row["format"] == "fp8/tensor"
         assert cells[2] == f"{row['weight_sqnr_db']:.2f} w"
-    assert f"{report['quantized_layers']} layers quantized" in dom["summary"]
+    assert f"flux1-dev: {report['quantized_layers']} layers quantized" in dom["summary"]
     assert "loads in stock ComfyUI" in dom["summary"] and dom["stock"] == "true"
     assert page_run["shot"].stat().st_size > 10_000

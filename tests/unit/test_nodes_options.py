@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from comfyui_quantizer.nodes.options import (
     FORMATS,
     PACK_ONLY_MARK,
+    PRESETS,
     QuantizeWidgets,
     config_from_widgets,
     learned_rounding_available,
 )
 from comfyui_quantizer.quant_core import ConfigError, Format, Kind, Scaling
+from comfyui_quantizer.quant_core.presets import SELECTABLE
 
 
 def test_stock_loadable_formats_come_first_and_pack_only_ones_are_marked() -> None:
@@ -95,4 +99,57 @@ def test_learned_rounding_is_refused_until_quant_core_has_it() -> None:
     with pytest.raises(ConfigError, match="learned rounding is not available"):
         config_from_widgets(
             QuantizeWidgets(rounding="learned"), from_graph_object=False, compute_device="cpu"
+        )
+
+
+def test_preset_auto_comes_first_and_every_preset_is_offered() -> None:
+    assert PRESETS[0] == "auto"
+    assert set(PRESETS[1:]) == set(SELECTABLE)
+    for name in PRESETS:
+        config = config_from_widgets(
+            QuantizeWidgets(preset=name), from_graph_object=False, compute_device="cpu"
+        )
+        assert config.rules.preset == name
+
+
+def test_layer_config_text_becomes_the_rules_layer_config() -> None:
+    rules = [
+        {"pattern": "mlp", "format": "int8", "scaling": "row"},
+        {"pattern": "head", "skip": True},
+    ]
+    text = json.dumps({"rules": rules})
+    config = config_from_widgets(
+        QuantizeWidgets(layer_config=text), from_graph_object=False, compute_device="cpu"
+    )
+    layer_config = config.rules.layer_config
+    assert layer_config is not None
+    assert layer_config.first_match("blocks.0.mlp.fc1").skip is False
+    assert layer_config.first_match("head").skip is True
+    assert layer_config.first_match("blocks.0.attn.qkv") is None
+    blank = config_from_widgets(
+        QuantizeWidgets(layer_config="  \n"), from_graph_object=False, compute_device="cpu"
+    )
+    assert blank.rules.layer_config is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "layer_config: not valid JSON"),
+        ('{"rules": [{"format": "fp8"}]}', "rules\\[0\\]"),
+        ('{"rules": [{"pattern": "x", "format": "nvfp4"}]}', "nvfp4"),
+        ('["a list"]', "must be a JSON object"),
+    ],
+)
+def test_a_bad_layer_config_is_a_config_error_saying_where(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_widgets(
+            QuantizeWidgets(layer_config=text), from_graph_object=False, compute_device="cpu"
+        )
+
+
+def test_an_unknown_preset_is_refused() -> None:
+    with pytest.raises(ConfigError, match="preset"):
+        config_from_widgets(
+            QuantizeWidgets(preset="sdxl"), from_graph_object=False, compute_device="cpu"
         )
