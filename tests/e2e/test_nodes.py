@@ -363,14 +363,22 @@ def test_clip_input_quantizes_a_t5_text_encoder_that_clip_loader_reloads(
     assert len(quantized) == 72  # q, k, v, o, wi, wo of 12 blocks
     for key in quantized:
         assert torch.equal(saved[key], reference[key]), key
+    # Kept tensors hold the same values. Their dtype is the file's, except where the preset
+    # keeps the source's dtype (T5's final_layer_norm, which picks T5's compute dtype): a
+    # CLIP source has the dtype ComfyUI holds it in (fp16 here), not the file's.
     for key, tensor in reference.items():
-        assert saved[key].dtype == tensor.dtype, key
+        if key not in quantized:
+            assert torch.allclose(saved[key].float(), tensor.float(), rtol=1e-2, atol=1e-4), key
+    changed = {k for k, t in reference.items() if saved[k].dtype != t.dtype}
+    print(f"dtype differs from the file route for {sorted(changed)}")
+    assert changed <= {"encoder.final_layer_norm.weight"}
     for name_, out in ((name, "cond_node"), (by_file.name, "cond_cli")):
         again = server.run(encode(name_, out))
         assert again.status == "success", (again.events[-1:], server.log[-3000:])
     conds = {k: load_file(str(server.folder("output") / f"cond_{k}.safetensors"))["cond"]
              for k in ("bf16", "node", "cli")}  # fmt: skip
     assert torch.isfinite(conds["node"]).all()
+    print(f"conditioning, CLIP route vs file route: {rel_error(conds['node'], conds['cli']):.2e}")
     assert rel_error(conds["node"], conds["cli"]) < 1e-3
     # For the record: how far ComfyUI's int8 T5 (random weights) lands from bf16.
     print(f"T5-base int8 row vs bf16: relative conditioning error "
