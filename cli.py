@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for the math (default: half the cores, at most 8)",
+        help="CPU worker threads for the math (default: one per core, at most 8)",
     )
     p.add_argument(
         "--upgrade-legacy",
@@ -131,9 +131,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def default_threads() -> int:
-    """Half the cores (at most 8): torch's default of every core stalls badly whenever the
-    machine is busy with anything else, and the reads run in a thread of their own."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    """One CPU worker per core, at most 8 (the conversion is I/O-bound beyond that)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 # --- which layer gets what: presets, layer config, tiers (issue 3) ----------------------------

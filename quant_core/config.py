@@ -26,8 +26,8 @@ class QuantConfig:
     stock ComfyUI loads). ``output_dtype`` casts the tensors that stay unquantized (``None``
     keeps their dtype). ``device`` is where the math runs (``cpu``, ``cuda``, ``cuda:1``).
     ``upgrade_legacy`` rewrites a legacy ``scaled_fp8`` checkpoint losslessly in the
-    comfy_quant layout instead of refusing it. ``cpu_threads`` sets torch's intra-op threads for
-    the conversion (``None`` leaves them alone; 1 is fastest on a machine that is already busy).
+    comfy_quant layout instead of refusing it. ``cpu_threads`` is the number of worker threads for
+    the CPU math (torch runs single-threaded inside each); ``None`` leaves torch's threads alone.
     """
 
     kind: Kind = Kind.FP8

@@ -26,6 +26,7 @@ import enum
 import functools
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -151,25 +152,33 @@ def absmax(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """
     _check_2d(w)
     if fmt.scaling is Scaling.TENSOR:
-        lo, hi = torch.aminmax(w)
-        return torch.maximum(lo.abs(), hi.abs()).float()
+        return torch.maximum(w.amax().float(), -w.amin().float())
+    rows, cols = w.shape
+    b = fmt.block_size or 1
+    out = torch.empty(fmt.scale_shape((rows, cols)), dtype=torch.float32, device=w.device)
+    for rs in _row_chunks(rows, cols, align=b):
+        out[rs.start // b : rs.start // b + math.ceil((rs.stop - rs.start) / b)] = _chunk_absmax(
+            w[rs].float(), fmt
+        )
+    return out
+
+
+def _chunk_absmax(y: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Per-group absmax of float32 rows ``[r, cols]`` (``r`` block-aligned) for row/block scales.
+
+    ``max(amax, -amin)`` along contiguous rows is several times faster on CPU than ``aminmax``
+    or ``abs().amax`` over strided tiles.
+    """
     if fmt.scaling is Scaling.ROW:
-        lo, hi = torch.aminmax(w, dim=1, keepdim=True)
-        return torch.maximum(lo.abs(), hi.abs()).float()
+        return torch.maximum(y.amax(dim=1, keepdim=True), -y.amin(dim=1, keepdim=True))
     b = fmt.block_size
     assert b is not None
-    rows, cols = w.shape
-    gr, gc = fmt.scale_shape((rows, cols))
-    out = torch.empty(gr, gc, dtype=torch.float32, device=w.device)
-    for rs in _row_chunks(rows, cols, align=b):
-        chunk = w[rs]
-        pad_r = -chunk.shape[0] % b
-        pad_c = -cols % b
-        if pad_r or pad_c:
-            chunk = torch.nn.functional.pad(chunk, (0, pad_c, 0, pad_r))
-        tiles = chunk.abs().view(chunk.shape[0] // b, b, gc, b)
-        out[rs.start // b : rs.start // b + tiles.shape[0]] = tiles.amax(dim=(1, 3)).float()
-    return out
+    pad_r, pad_c = -y.shape[0] % b, -y.shape[1] % b
+    if pad_r or pad_c:  # zero padding never raises an absmax
+        y = torch.nn.functional.pad(y, (0, pad_c, 0, pad_r))
+    tiles = y.view(y.shape[0], y.shape[1] // b, b)
+    per_row = torch.maximum(tiles.amax(dim=2), -tiles.amin(dim=2))  # [r, blocks along in]
+    return per_row.view(-1, b, per_row.shape[1]).amax(dim=1)
 
 
 def scale_from_absmax(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -233,41 +242,58 @@ def _encode(x: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Codes of ``w`` ``[out, in]`` for a given scale: ``round(w / scale)`` on the grid."""
-    codes, _ = _quantize_rows(w, scale, fmt, measure=False)
+    codes, _, _ = _quantize_rows(w, fmt, scale, measure=False)
     return codes
 
 
 def quantize_and_measure(
-    w: torch.Tensor, fmt: Format, scale: torch.Tensor | None = None
+    w: torch.Tensor, fmt: Format, scale: torch.Tensor | None = None, *, workers: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, ErrorEnergy]:
-    """Round-to-nearest codes, scale and error energy of ``w`` ``[out, in]`` in one pass.
+    """Round-to-nearest codes, scale and error energy of ``w`` ``[out, in]``.
 
-    The conversion hot path: each row chunk is read once, and the error is taken from the
-    grid values themselves, so no second decode of the codes is needed.
+    The conversion hot path. Rows are processed in cache-sized chunks, each read once: row and
+    block scales are computed inside the chunk (only a tensor-wide scale needs a pass of its
+    own), and the error comes from the grid values themselves. ``workers`` > 1 processes chunks
+    in that many threads (torch releases the GIL); results do not depend on it.
     """
-    if scale is None:
+    _check_2d(w)
+    if scale is None and fmt.scaling is Scaling.TENSOR:
         scale = compute_scale(w, fmt)
-    codes, energy = _quantize_rows(w, scale, fmt, measure=True)
+    codes, scale, energy = _quantize_rows(w, fmt, scale, measure=True, workers=workers)
     assert energy is not None
     return codes, scale, energy
 
 
 def _quantize_rows(
-    w: torch.Tensor, scale: torch.Tensor, fmt: Format, *, measure: bool
-) -> tuple[torch.Tensor, ErrorEnergy | None]:
+    w: torch.Tensor,
+    fmt: Format,
+    scale: torch.Tensor | None,
+    *,
+    measure: bool,
+    workers: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, ErrorEnergy | None]:
     _check_2d(w)
     rows, cols = w.shape
     codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=w.device)
-    signal = error = 0.0
-    align = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
-    for rs in _row_chunks(rows, cols, align=align or 1):
-        s = _scale_rows(scale, rs, (rows, cols), fmt)
+    given = scale is not None
+    if scale is None:
+        scale = torch.empty(fmt.scale_shape((rows, cols)), dtype=torch.float32, device=w.device)
+    b = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
+    assert b is not None
+
+    def one_chunk(rs: slice) -> tuple[float, float]:
         # In-place steps on one float32 copy of the chunk: the same values as _encode(w / s),
-        # with a third of the memory traffic (this loop is the CPU conversion's hot path).
+        # with a third of the memory traffic.
         y = w[rs].to(torch.float32, copy=True)
+        if not given:  # row or block scales of these rows only (chunks are block-aligned)
+            scale[rs.start // b : rs.start // b + math.ceil((rs.stop - rs.start) / b)] = (
+                scale_from_absmax(_chunk_absmax(y, fmt), fmt)
+            )
+        s = _scale_rows(scale, rs, (rows, cols), fmt)
+        signal = error = 0.0
         if measure:
             flat = y.reshape(-1)
-            signal += float(torch.dot(flat, flat))  # float32 BLAS per chunk, summed in double
+            signal = float(torch.dot(flat, flat))  # float32 BLAS per chunk, summed in double
         y.div_(s).clamp_(-fmt.qmax, fmt.qmax)
         if fmt.kind is Kind.FP8:
             codes[rs].copy_(y)  # round-half-to-even cast straight into the output
@@ -278,8 +304,19 @@ def _quantize_rows(
         if measure:
             assert grid is not None
             diff = grid.sub_(y).mul_(s).reshape(-1)
-            error += float(torch.dot(diff, diff))
-    return codes, (ErrorEnergy(signal, error) if measure else None)
+            error = float(torch.dot(diff, diff))
+        return signal, error
+
+    chunks = list(_row_chunks(rows, cols, align=b))
+    if workers > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantize") as pool:
+            parts = list(pool.map(one_chunk, chunks))
+    else:
+        parts = [one_chunk(rs) for rs in chunks]
+    if not measure:
+        return codes, scale, None
+    # Summed in chunk order, so the result does not depend on the number of workers.
+    return codes, scale, ErrorEnergy(math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts))
 
 
 @functools.cache

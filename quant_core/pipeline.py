@@ -150,12 +150,16 @@ class _Prefetcher:
 
 @contextlib.contextmanager
 def _cpu_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` intra-op CPU threads (``None``: leave torch's setting alone)."""
+    """With ``n`` CPU workers, run torch single-threaded inside each (``None``: leave torch alone).
+
+    torch's own intra-op threads synchronise at every operation, which stalls badly as soon as
+    the machine is busy; our chunk workers are independent of each other.
+    """
     if n is None:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -180,16 +184,22 @@ def _run_entry(
         return {out.name: tensor}
     if entry.action is Action.UPGRADE_LEGACY:
         return _upgrade_legacy(entry, inputs)
-    return _quantize_entry(entry, inputs, device, rep)
+    workers = config.cpu_threads if device.type == "cpu" and config.cpu_threads else 1
+    return _quantize_entry(entry, inputs, device, rep, workers=workers)
 
 
 def _quantize_entry(
-    entry: PlanEntry, inputs: dict[str, torch.Tensor], device: torch.device, rep: LayerReport
+    entry: PlanEntry,
+    inputs: dict[str, torch.Tensor],
+    device: torch.device,
+    rep: LayerReport,
+    *,
+    workers: int = 1,
 ) -> dict[str, torch.Tensor]:
     fmt = entry.fmt
     assert fmt is not None and entry.settings is not None
     weight = inputs[entry.key].to(device)
-    codes, scale, energy = formats.quantize_and_measure(weight, fmt)
+    codes, scale, energy = formats.quantize_and_measure(weight, fmt, workers=workers)
     rep.weight_sqnr_db = energy.sqnr_db
     return comfy_quant.layer_tensors(entry.layer, codes, scale, entry.settings)
 

@@ -168,6 +168,9 @@ def test_chunked_math_equals_whole_tensor_math(
     assert energy.signal == pytest.approx(separate.signal, rel=1e-5)
     assert energy.error == pytest.approx(separate.error, rel=1e-4)
     assert torch.equal(w, w_before)  # the input is never modified in place
+    threaded = formats.quantize_and_measure(w, fmt, workers=3)
+    assert torch.equal(threaded[0].view(torch.uint8), fused_codes.view(torch.uint8))
+    assert torch.equal(threaded[1], fused_scale) and threaded[2] == energy
 
 
 def _absmax_whole(w: torch.Tensor, fmt: Format) -> torch.Tensor:
