@@ -71,12 +71,17 @@ class QuantizeWidgets:
 
 
 def config_from_widgets(
-    widgets: QuantizeWidgets, *, from_graph_object: bool, compute_device: str
+    widgets: QuantizeWidgets,
+    *,
+    from_graph_object: bool,
+    compute_device: str,
+    cpu_threads: int | None = None,
 ) -> QuantConfig:
     """The ``QuantConfig`` for ``widgets``; raises ``ConfigError`` naming the widget at fault.
 
     ``from_graph_object``: the source is a MODEL/CLIP (not a file), which decides what
     ``keep_dtype="auto"`` means. ``compute_device``: ComfyUI's device, used for ``auto``.
+    ``cpu_threads``: worker threads for CPU math (``None``: leave torch's threads alone).
     """
     if widgets.format not in FORMATS:
         raise ConfigError(f"format: unknown choice {widgets.format!r}; use one of {list(FORMATS)}")
@@ -116,6 +121,7 @@ def config_from_widgets(
             output_dtype=output_dtype,
             device=device,
             seed=widgets.seed,
+            cpu_threads=cpu_threads,
             rules=rules,
         )
     except ConfigError as e:

@@ -220,7 +220,10 @@ class QuantizeModel(io.ComfyNode):
         )
         try:
             config = config_from_widgets(
-                widgets, from_graph_object=source is None, compute_device=comfy_io.compute_device()
+                widgets,
+                from_graph_object=source is None,
+                compute_device=comfy_io.compute_device(),
+                cpu_threads=comfy_io.cpu_threads(),
             )
             with ExitStack() as stack:
                 src, model_type = _open_source(stack, source, model, clip)

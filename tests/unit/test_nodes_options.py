@@ -153,3 +153,14 @@ def test_an_unknown_preset_is_refused() -> None:
         config_from_widgets(
             QuantizeWidgets(preset="sdxl"), from_graph_object=False, compute_device="cpu"
         )
+
+
+def test_cpu_threads_are_passed_through() -> None:
+    config = config_from_widgets(
+        QuantizeWidgets(), from_graph_object=False, compute_device="cpu", cpu_threads=3
+    )
+    assert config.cpu_threads == 3
+    with pytest.raises(ConfigError, match="cpu threads"):
+        config_from_widgets(
+            QuantizeWidgets(), from_graph_object=False, compute_device="cpu", cpu_threads=0
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,20 @@ def test_an_exact_layer_is_sent_as_inf_not_as_invalid_json() -> None:
     assert row == {"layer": "l", "format": "fp8/tensor", "output_sqnr_db": None,
                    "weight_sqnr_db": "inf", "time_ms": 1.5}  # fmt: skip
     json.dumps(row, allow_nan=False)
+
+
+def test_runs_under_comfyuis_inference_mode_with_cpu_workers(
+    write_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    # ComfyUI executes nodes inside torch.inference_mode(); the CPU workers are threads. The
+    # weight is large enough (4M elements) to be split across workers.
+    g = torch.Generator().manual_seed(3)
+    path = write_model({"blocks.0.fc.weight": torch.randn(2048, 2048, generator=g) * 0.02})
+    config = QuantConfig(kind="int8", scaling="row", cpu_threads=2)
+    with ModelFile(path, ModelType.DIFFUSION_MODEL).open() as source:
+        plain = quantize_to_temp(source, config, tmp_path / "a", model_type=ModelType.CHECKPOINT)
+        with torch.inference_mode():
+            inside = quantize_to_temp(
+                source, config, tmp_path / "b", model_type=ModelType.CHECKPOINT
+            )
+    assert inside.path.read_bytes() == plain.path.read_bytes()
