@@ -10,12 +10,12 @@ from __future__ import annotations
 import enum
 import secrets
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..quant_core import QuantConfig, Report, Source, quantize_model
-from ..quant_core.pipeline import CancelFn, ProgressFn
+from ..quant_core import Progress, QuantConfig, Report, Source, quantize_model
 
 
 class ModelType(str, enum.Enum):
@@ -56,8 +56,8 @@ def quantize_to_temp(
     temp_dir: Path,
     *,
     model_type: ModelType,
-    progress: ProgressFn | None = None,
-    cancel: CancelFn | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> QuantizedFile:
     """Run ``quantize_model`` into a new file under ``temp_dir``.
 
