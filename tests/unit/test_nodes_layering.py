@@ -1,0 +1,44 @@
+"""The nodes' layering: logic modules never import ComfyUI, and quant_core is used through its
+package API (plus the two tables the CLI also reads: dtype names and the preset list)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+NODES = Path(__file__).resolve().parents[2] / "nodes"
+COMFYUI = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server"}
+# Only these modules talk to ComfyUI; everything else is tested in CI without it.
+COMFYUI_FACING = {"comfy_io.py", "quantizer_nodes.py", "extension.py"}
+QUANT_CORE_MODULES = {"", "dtypes", "presets"}  # ``from ..quant_core[.x] import ...``
+
+
+def imports(path: Path) -> tuple[set[str], set[str]]:
+    """(absolute top-level modules, quant_core submodules) imported by ``path``."""
+    absolute: set[str] = set()
+    core: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            absolute |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 0:
+                absolute.add(module.split(".")[0])
+            elif node.level == 2 and module.split(".")[0] == "quant_core":
+                core.add(module.partition(".")[2])
+    return absolute, core
+
+
+def test_only_the_comfyui_facing_modules_import_comfyui() -> None:
+    files = sorted(NODES.glob("*.py"))
+    assert {p.name for p in files} >= COMFYUI_FACING | {"options.py", "saving.py", "sources.py"}
+    for path in files:
+        absolute, _ = imports(path)
+        if path.name not in COMFYUI_FACING:
+            assert not absolute & COMFYUI, f"{path.name} imports {sorted(absolute & COMFYUI)}"
+
+
+def test_quant_core_is_used_through_its_package_api() -> None:
+    for path in sorted(NODES.glob("*.py")):
+        _, core = imports(path)
+        assert core <= QUANT_CORE_MODULES, f"{path.name} imports quant_core.{core}"
