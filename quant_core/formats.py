@@ -185,9 +185,10 @@ def scale_from_absmax(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
     """``amax / qmax`` as float32; all-zero groups get 1.0; never zero or subnormal."""
     if not bool(torch.isfinite(amax).all()):
         raise NonFiniteWeightError("weight contains NaN or Inf")
-    scale = torch.where(
-        amax > 0, amax.float() / fmt.qmax, torch.ones_like(amax, dtype=torch.float32)
-    )
+    # Divide by a tensor: torch on CUDA turns division by a Python number into a multiply by its
+    # reciprocal, which differs from IEEE division by 1 ulp for up to half of the scales.
+    qmax = torch.full((), fmt.qmax, dtype=torch.float32, device=amax.device)
+    scale = torch.where(amax > 0, amax.float() / qmax, torch.ones_like(amax, dtype=torch.float32))
     return scale.clamp_min(torch.finfo(torch.float32).tiny)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import comfy_quant, dtypes, formats
+from . import comfy_quant, dispatch, dtypes, formats
 from .config import QuantConfig
 from .errors import Cancelled, InputError, at
 from .plan import Action, Plan, PlanEntry, build_plan
@@ -199,6 +199,13 @@ def _quantize_entry(
     fmt = entry.fmt
     assert fmt is not None and entry.settings is not None
     weight = inputs[entry.key].to(device)
+    # --- kernels (issue 5): on CUDA, RTN goes through the dispatcher (Triton if usable) ---
+    if weight.is_cuda:
+        rep.extra["quantize_backend"] = dispatch.choose_quantize(weight, fmt).backend
+        codes, scale = dispatch.quantize(weight, fmt)
+        rep.weight_sqnr_db = formats.error_energy(weight, codes, scale, fmt).sqnr_db
+        return comfy_quant.layer_tensors(entry.layer, codes, scale, entry.settings)
+    # --- end kernels ---
     codes, scale, energy = formats.quantize_and_measure(weight, fmt, workers=workers)
     rep.weight_sqnr_db = energy.sqnr_db
     return comfy_quant.layer_tensors(entry.layer, codes, scale, entry.settings)

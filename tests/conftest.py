@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -10,6 +12,15 @@ from types import ModuleType
 import pytest
 import torch
 from safetensors.torch import save_file
+
+# --- kernels (issue 5) --------------------------------------------------------------------------
+# Without CUDA, Triton kernels run in Triton's CPU interpreter. TRITON_INTERPRET=1 must be set
+# before triton is first imported (by any test module or library, e.g. comfy-kitchen): triton's
+# own tl.* helpers are jit functions defined at import. No other code path runs Triton on CPU,
+# so nothing else changes; with a CUDA device nothing is set.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# --- end kernels --------------------------------------------------------------------------------
 
 
 @pytest.fixture

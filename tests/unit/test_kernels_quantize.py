@@ -1,0 +1,116 @@
+"""Quantize/dequantize kernels against the PyTorch reference: codes and scales bit for bit.
+
+On CPU the kernels run in Triton's interpreter (``kernel_device`` sets TRITON_INTERPRET=1 before
+the kernel modules are imported); the same source runs on a GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_quantizer.quant_core import dispatch, formats, matmul
+from comfyui_quantizer.quant_core.formats import Format, Kind, Scaling
+
+FORMATS = [
+    Format(Kind.FP8, Scaling.TENSOR),
+    Format(Kind.FP8, Scaling.ROW),
+    Format(Kind.FP8, Scaling.BLOCK, 64),
+    Format(Kind.INT8, Scaling.TENSOR),
+    Format(Kind.INT8, Scaling.ROW),
+    Format(Kind.INT8, Scaling.BLOCK, 64),
+    Format(Kind.INT8, Scaling.BLOCK, 32),
+]
+IDS = [f.label for f in FORMATS]
+
+
+def weights(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Gaussian rows with scales spread over three decades (never zero)."""
+    g = torch.Generator().manual_seed(seed)
+    row_scale = torch.exp(torch.randn(rows, 1, generator=g) * 2.0)
+    return (torch.randn(rows, cols, generator=g) * row_scale * 0.02).to(dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.cpu().reshape(-1).contiguous(), b.cpu().reshape(-1).contiguous()
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_and_dequantize_match_reference_bit_for_bit(
+    kernel_device: torch.device, fmt: Format, dtype: torch.dtype
+) -> None:
+    # 100 x 200: neither dimension a multiple of the block (padded scale grid).
+    w = weights(100, 200, dtype, seed=hash((fmt.label, str(dtype))) % 1000)
+    codes, scale = dispatch.quantize(w.to(kernel_device), fmt, backend="triton")
+    ref_codes, ref_scale = formats.quantize(w, fmt)
+    assert scale.shape == ref_scale.shape == fmt.scale_shape(tuple(w.shape))
+    assert same_bits(codes, ref_codes)
+    assert same_bits(scale, ref_scale)
+    for out in (torch.float32, torch.bfloat16, torch.float16):
+        got = dispatch.dequantize(codes, scale, fmt, out, backend="triton")
+        assert same_bits(got, formats.dequantize(ref_codes, ref_scale, fmt, out))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_edge_values_match_reference(kernel_device: torch.device, fmt: Format) -> None:
+    """Exact ties, -0.0, fp32 subnormals (a whole tiny row and block), zero groups, 3e38."""
+    w = weights(128, 192, torch.float32, seed=7)
+    w[0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, -0.0, 1e-40, -1e-42])
+    w[1] = 0.0
+    w[2] *= 1e-37
+    w[64:128, 128:192] *= 1e-37
+    w[70:90, 0:64] = 0.0
+    w[5, 5] = 3.0e38
+    # Ties: a row whose amax is 127 (INT8 scale 1) holding k + 0.5, and one for FP8 (scale 1)
+    # holding midpoints of the E4M3 grid.
+    w[3] = torch.linspace(-126.5, 126.5, 192).round() + 0.5
+    w[3, 0] = 127.0
+    w[4] = torch.linspace(-440, 440, 192)
+    w[4, 0] = 448.0
+    codes, scale = dispatch.quantize(w.to(kernel_device), fmt, backend="triton")
+    ref_codes, ref_scale = formats.quantize(w, fmt)
+    assert same_bits(codes, ref_codes)
+    assert same_bits(scale, ref_scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_raises_like_the_reference(
+    kernel_device: torch.device, fmt: Format, bad: float
+) -> None:
+    w = weights(64, 96, torch.bfloat16, seed=3)
+    w[10, 20] = bad
+    with pytest.raises(formats.NonFiniteWeightError):
+        formats.quantize(w, fmt)
+    with pytest.raises(formats.NonFiniteWeightError):
+        dispatch.quantize(w.to(kernel_device), fmt, backend="triton")
+
+
+def test_non_contiguous_input(kernel_device: torch.device) -> None:
+    fmt = Format(Kind.INT8, Scaling.BLOCK, 64)
+    w = weights(160, 96, torch.bfloat16, seed=5).t()  # a transposed view
+    codes, scale = dispatch.quantize(w.to(kernel_device), fmt, backend="triton")
+    ref_codes, ref_scale = formats.quantize(w.contiguous(), fmt)
+    assert same_bits(codes, ref_codes) and same_bits(scale, ref_scale)
+
+
+@pytest.mark.parametrize("kind", [Kind.INT8, Kind.FP8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_activation_quantization_matches_reference(
+    kernel_device: torch.device, kind: Kind, dtype: torch.dtype
+) -> None:
+    x = weights(40, 200, dtype, seed=11)
+    x[3, 64:128] = 0.0  # an all-zero group gets scale 1
+    fmt = Format(kind, Scaling.BLOCK, 64)
+    codes, scale = dispatch.quantize_activations(x.to(kernel_device), fmt, backend="triton")
+    ref_codes, ref_scale = matmul.quantize_activations(x, kind, 64)
+    assert scale.shape == ref_scale.shape == (40, 4)
+    assert same_bits(codes, ref_codes)
+    assert torch.equal(scale.cpu(), ref_scale)
+    # Independent check of the definition: scale = amax of each 1 x 64 group / qmax.
+    groups = torch.nn.functional.pad(x.double(), (0, 56)).view(40, 4, 64)
+    amax = groups.abs().amax(dim=2)
+    want = torch.where(amax > 0, amax / fmt.qmax, torch.ones_like(amax))
+    torch.testing.assert_close(scale.cpu().double(), want, rtol=1e-7, atol=0)
