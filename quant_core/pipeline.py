@@ -8,6 +8,7 @@ cancel. Only one entry's tensors are alive at a time.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,6 +79,7 @@ def quantize_model(
             output, plan.outputs, plan.metadata, overwrite=overwrite, input_path=source.path
         ) as writer,
         _Prefetcher(source, plan.entries) as inputs,
+        _BackgroundWriter(writer) as writes,
     ):
         for i, (entry, layer_report) in enumerate(zip(plan.entries, report.layers, strict=True)):
             if cancel is not None and cancel():
@@ -107,6 +109,7 @@ def quantize_model(
                 )
         if cancel is not None and cancel():
             raise Cancelled(f"{source.name}: cancelled; no output written")
+        writes.drain()
         writer.commit()
     report.elapsed_s = time.perf_counter() - started
     return report
@@ -115,7 +118,11 @@ def quantize_model(
 class _Prefetcher:
     """Reads the next entry's tensors in a background thread while the current one computes.
 
-    Reading releases the GIL, so I/O overlaps the math; at most two entries' inputs are alive.
+    Reading releases the GIL, so I/O overlaps the math. Sources that accept a ``buffer`` read
+    into a ring of three reusable slots, so no fresh memory is faulted in per tensor. Entry
+    ``i``'s slot is refilled for entry ``i + 3``, whose read starts when entry ``i + 2`` is
+    handed out; by then entry ``i``'s outputs (which may be views of its inputs) were written,
+    because the background writer drains entry ``i`` when entry ``i + 1`` is submitted.
     """
 
     def __init__(self, source: Source, entries: tuple[PlanEntry, ...]) -> None:
@@ -123,13 +130,27 @@ class _Prefetcher:
         self._entries = iter(entries)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantizer-read")
         self._pending: Future[dict[str, torch.Tensor]] | None = None
+        self._buffered = "buffer" in inspect.signature(source.read).parameters
+        self._slots = [torch.empty(0, dtype=torch.uint8) for _ in range(3)]
+        self._turn = 0
 
-    def _read(self, entry: PlanEntry) -> dict[str, torch.Tensor]:
-        return {t.name: self._source.read(t.name) for t in entry.inputs}
+    def _read(self, entry: PlanEntry, slot: int) -> dict[str, torch.Tensor]:
+        if not self._buffered:
+            return {t.name: self._source.read(t.name) for t in entry.inputs}
+        need = sum(_aligned(t.nbytes) for t in entry.inputs)
+        if self._slots[slot].numel() < need:
+            self._slots[slot] = torch.empty(need, dtype=torch.uint8)
+        out, offset = {}, 0
+        for t in entry.inputs:
+            view = self._slots[slot][offset : offset + t.nbytes]
+            out[t.name] = self._source.read(t.name, buffer=view)  # type: ignore[call-arg]
+            offset += _aligned(t.nbytes)
+        return out
 
     def _submit(self) -> None:
         entry = next(self._entries, None)
-        self._pending = None if entry is None else self._pool.submit(self._read, entry)
+        self._turn = (self._turn + 1) % len(self._slots)
+        self._pending = None if entry is None else self._pool.submit(self._read, entry, self._turn)
 
     def __enter__(self) -> _Prefetcher:
         self._submit()
@@ -146,6 +167,41 @@ class _Prefetcher:
         if self._pending is not None:
             self._pending.cancel()
         self._pool.shutdown(wait=True)
+
+
+class _BackgroundWriter:
+    """Writes one entry's outputs in a thread while the next entry computes (writes release
+    the GIL). At most one entry's outputs wait; errors surface at the next submit or drain."""
+
+    def __init__(self, writer: StreamingWriter) -> None:
+        self._writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantizer-write")
+        self._pending: Future[None] | None = None
+
+    def _write(self, outputs: dict[str, torch.Tensor]) -> None:
+        for name, tensor in outputs.items():
+            self._writer.write(name, tensor)
+
+    def submit(self, outputs: dict[str, torch.Tensor]) -> None:
+        self.drain()
+        self._pending = self._pool.submit(self._write, outputs)
+
+    def drain(self) -> None:
+        """Wait for the pending write (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def __enter__(self) -> _BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)  # never leave a write running past the writer's abort
+
+
+def _aligned(n: int) -> int:
+    """Round up to 64 bytes so that every tensor view in a slot is well aligned."""
+    return (n + 63) // 64 * 64
 
 
 @contextlib.contextmanager
