@@ -64,10 +64,10 @@ QUANT_LAUNCH = {  # scaling -> {name: launcher kwargs}
     "block": {"w4": {"num_warps": 4}, "w8": {"num_warps": 8}, "w16": {"num_warps": 16}},
     "tensor": {"default": {}},
 }
-ACT_LAUNCH = {
-    "r16w4": {"tile_r": 16, "num_warps": 4},
-    "r32w4": {"tile_r": 32, "num_warps": 4},
-    "r64w8": {"tile_r": 64, "num_warps": 8},
+ACT_LAUNCH = {  # name -> kernels.quantize.ActConfig (None: the default launch shape)
+    "default": None,
+    "r32g1w4": kquant.ActConfig(32, 1, 4),
+    "r8g4w4": kquant.ActConfig(8, 4, 4),
 }
 
 RESULTS: dict[str, list[dict[str, object]]] = {"checks": [], "timings": [], "errors": []}
@@ -370,10 +370,10 @@ def time_gemm(quick: bool) -> None:
         for kind in Kind:
             fmt = Format(kind, Scaling.BLOCK, B)
             moved = m * k * 3
-            for name, kw in ACT_LAUNCH.items():
+            for name, cfg in ACT_LAUNCH.items():
                 ms = bench_graph(
-                    lambda x, w, q, kind=kind, kw=kw: kquant.quantize_activations(
-                        x, fp8=kind is Kind.FP8, block_size=B, **kw
+                    lambda x, w, q, kind=kind, cfg=cfg: kquant.quantize_activations(
+                        x, fp8=kind is Kind.FP8, block_size=B, config=cfg
                     ),
                     sets,
                 )
@@ -437,9 +437,9 @@ def time_gemm(quick: bool) -> None:
             cfg = (INT8_CONFIGS if kind is Kind.INT8 else FP8_CONFIGS).get(cfg_name)
             act_name = best_act[kind][1]
 
-            def full_triton(x, w, q, kind=kind, cfg=cfg, act_kw=ACT_LAUNCH[act_name]):
+            def full_triton(x, w, q, kind=kind, cfg=cfg, act_cfg=ACT_LAUNCH[act_name]):
                 ac, asc = kquant.quantize_activations(
-                    x, fp8=kind is Kind.FP8, block_size=B, **act_kw
+                    x, fp8=kind is Kind.FP8, block_size=B, config=act_cfg
                 )
                 return block_gemm.block_scaled_mm(
                     ac, asc, *q[kind], block_size=B, bias=None, out_dtype=x.dtype, config=cfg

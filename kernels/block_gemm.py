@@ -9,9 +9,11 @@ times ``a_scale[m, kb] * w_scale[n // B, kb]``.
 Cost for M=4096, K=N=3072: 77 GOP of 8-bit MMA (about 40 us at ~1980 dense TOP/s), plus one
 fp32 rescale per output element per K-block on the CUDA cores (K/B = 24 multiply-adds per
 output). The rescale needs each K-block's int32 product before the next MMA can accumulate, so
-the MMAs cannot chain: on an H200 this kernel reaches 1.08-1.21x bf16 where the same Triton
-loop without scales reaches 1.5-1.9x (bench/KERNELS_NOTES.md). Memory: x read once in bf16 by
-the activation quantizer (3 bytes/element), 8-bit operands re-read from L2 per tile.
+the MMAs cannot chain, and Triton waits for every such MMA right after issuing it (no overlap
+inside a program; only the 3 programs per SM overlap each other): on an H200 this kernel
+reaches 1.16-1.22x bf16 (persistent grid) where the same Triton loop without scales reaches
+1.4-1.8x (bench/KERNELS_NOTES.md). Memory: x read once in bf16 by the activation quantizer
+(3 bytes/element), 8-bit operands re-read from L2 per tile.
 
 FP8 note: Hopper's FP8 tensor cores sum a K-block with fewer bits than fp32 (measured rel.
 error 1.3e-4 of the fp32-output result, vs 1e-7 for INT8); cuBLAS's path has the same figure.
@@ -27,6 +29,7 @@ masked pointer loads; both paths are the same source, so the interpreter tests b
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +53,8 @@ class GemmConfig:
     pipeline: bool = False
     warp_specialize: bool = False
     no_scale: bool = False  # benchmark ceiling only: ignores the scales
+    persistent: int = 0  # programs per SM of a persistent grid (0: one program per tile)
+    maxnreg: int | None = None  # register cap per thread (more programs per SM, may spill)
 
 
 @triton.jit
@@ -100,47 +105,23 @@ def _block_product(a, w, IS_FP8: tl.constexpr, MAGIC_CVT: tl.constexpr):
 
 
 @triton.jit
-def _block_scaled_mm_kernel(
-    a_src,
-    a_scale_ptr,
-    w_src,
-    w_scale_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    stride_a,
-    stride_w,
-    stride_o,
-    stride_ws,
-    B: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    IS_FP8: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    MAGIC_CVT: tl.constexpr,
-    PIPELINE: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
-    NO_SCALE: tl.constexpr,
-    OUT: tl.constexpr,
-):
-    """``a_src``/``w_src``: TMA descriptors (``USE_TMA``) or pointers to codes ``[M, K]``,
-    ``[N, K]``; ``a_scale_ptr``: ``[ceil(K/B), M]`` contiguous; ``w_scale_ptr``: ``[., ceil(K/B)]``
-    with row stride ``stride_ws``. ``PIPELINE``: issue the next K-block's MMA before rescaling
-    the previous one. ``WARP_SPEC``: Triton's warp specialization of the K loop.
-    ``NO_SCALE``: benchmark-only ceiling, a plain INT8 GEMM that ignores every scale."""
-    pid = tl.program_id(0)
+def _output_tile(
+    a_src, a_scale_ptr, w_src, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
+    stride_a, stride_w, stride_o, stride_ws, tile,
+    B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+    IS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+    MAGIC_CVT: tl.constexpr, PIPELINE: tl.constexpr, WARP_SPEC: tl.constexpr,
+    NO_SCALE: tl.constexpr, OUT: tl.constexpr,
+):  # fmt: skip
+    """Output tile number ``tile`` (grouped order) of ``[M, N]``: the K loop and the store."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     # Grouped order: GROUP_M row-tiles share each weight column-tile while it sits in L2.
-    group = pid // (GROUP_M * num_n)
+    group = tile // (GROUP_M * num_n)
     first_m = group * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m = first_m + (tile % (GROUP_M * num_n)) % size_m
+    pid_n = (tile % (GROUP_M * num_n)) // size_m
     off_m = pid_m * BM
     off_n = pid_n * BN
 
@@ -197,6 +178,66 @@ def _block_scaled_mm_kernel(
     tl.store(o_ptrs, out, mask=m_ok[:, None] & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _block_scaled_mm_kernel(
+    a_src,
+    a_scale_ptr,
+    w_src,
+    w_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_a,
+    stride_w,
+    stride_o,
+    stride_ws,
+    B: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    MAGIC_CVT: tl.constexpr,
+    PIPELINE: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
+    NO_SCALE: tl.constexpr,
+    OUT: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """``a_src``/``w_src``: TMA descriptors (``USE_TMA``) or pointers to codes ``[M, K]``,
+    ``[N, K]``; ``a_scale_ptr``: ``[ceil(K/B), M]`` contiguous; ``w_scale_ptr``: ``[., ceil(K/B)]``
+    with row stride ``stride_ws``. ``PIPELINE``: issue the next K-block's MMA before rescaling
+    the previous one. ``WARP_SPEC``: Triton's warp specialization of the K loop.
+    ``NO_SCALE``: benchmark-only ceiling, a plain INT8 GEMM that ignores every scale.
+    ``PERSISTENT``: a fixed grid; each program walks the tiles ``pid, pid + grid, ...``."""
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _output_tile(
+                a_src, a_scale_ptr, w_src, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
+                stride_a, stride_w, stride_o, stride_ws, tile,
+                B, BM, BN, GROUP_M, IS_FP8, HAS_BIAS, USE_TMA, MAGIC_CVT, PIPELINE, WARP_SPEC,
+                NO_SCALE, OUT,
+            )  # fmt: skip
+    else:
+        _output_tile(
+            a_src, a_scale_ptr, w_src, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
+            stride_a, stride_w, stride_o, stride_ws, tl.program_id(0),
+            B, BM, BN, GROUP_M, IS_FP8, HAS_BIAS, USE_TMA, MAGIC_CVT, PIPELINE, WARP_SPEC,
+            NO_SCALE, OUT,
+        )  # fmt: skip
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # Triton's CPU interpreter: few programs, so each walks several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     """TMA needs a 16-byte aligned base and row stride (1-byte codes: K % 16 == 0)."""
     return t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
@@ -205,9 +246,19 @@ def _tma_ok(t: torch.Tensor) -> bool:
 def default_config(m: int, n: int, k: int, block_size: int, *, fp8: bool) -> GemmConfig:
     """The tile used when the caller names none, from the H200 sweeps in bench/KERNELS_NOTES.md:
     64 x 128 tiles with one warpgroup and 3 stages leave room for 3 programs per SM, whose MMAs
-    overlap each other's per-K-block rescaling (128 x 128 tiles were 10-20 % slower)."""
+    overlap each other's per-K-block rescaling (128 x 128 tiles: one program per SM, 30-40 %
+    slower). INT8 runs on a persistent grid of 3 programs per SM (+3-10 % on an H200); FP8's
+    Triton path (few rows; cuBLAS takes the rest) was not swept with it and keeps one program
+    per tile."""
     bn = min(128, block_size)
-    return GemmConfig(block_m=64, block_n=bn, num_warps=4, num_stages=3, group_m=8 if fp8 else 16)
+    return GemmConfig(
+        block_m=64,
+        block_n=bn,
+        num_warps=4,
+        num_stages=3,
+        group_m=8 if fp8 else 16,
+        persistent=0 if fp8 else 3,
+    )
 
 
 def block_scaled_mm(
@@ -252,7 +303,8 @@ def block_scaled_mm(
         w_src = TensorDescriptor.from_tensor(w_codes, [cfg.block_n, block_size])
     else:
         a_src, w_src = a_codes.view(torch.int8), w_codes.view(torch.int8)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    grid = (min(tiles, cfg.persistent * _sm_count(out.device)) if cfg.persistent else tiles,)
     _block_scaled_mm_kernel[grid](
         a_src, a_scale_t, w_src, w_scale, bias if bias is not None else out, out,
         m, n, k, a_codes.stride(0), w_codes.stride(0), out.stride(0), w_scale.stride(0),
@@ -260,7 +312,9 @@ def block_scaled_mm(
         IS_FP8=is_fp8, HAS_BIAS=bias is not None,
         USE_TMA=use_tma, MAGIC_CVT=cfg.magic_cvt, PIPELINE=cfg.pipeline,
         WARP_SPEC=cfg.warp_specialize, NO_SCALE=cfg.no_scale, OUT=_OUT_IDS[out_dtype],
+        PERSISTENT=bool(cfg.persistent),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip
     return out
 
@@ -273,23 +327,29 @@ def fp8_scaled_mm(
     *,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    bias_epilogue: bool = False,
 ) -> torch.Tensor:
     """cuBLAS block-scaled FP8 GEMM (B = 128, K and N multiples of 128) via ``torch._scaled_mm``.
 
     Layouts cuBLAS asks for: ``a_scale`` ``[M, K/128]`` K-block-major (stride ``(1, M)``, as
     ``quantize_activations`` stores it), ``w_scale`` as ``[K/128, N/128]`` K-major, with
-    K/128 padded to a multiple of 4.
+    K/128 padded to a multiple of 4. ``bias_epilogue``: cuBLAS adds a bias of the output dtype
+    (bf16/fp16) before its one output rounding (the caller probes support); else a separate add.
     """
     kb = w_scale.shape[1]
     pad = -kb % 4
-    ws = w_scale.float()
+    ws = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
     if pad:
         ws = torch.nn.functional.pad(ws, (0, pad))
     ws = ws.contiguous().t()
     if a_scale.stride(0) != 1:
         a_scale = a_scale.t().contiguous().t()
     out_dt = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
-    out = torch._scaled_mm(a_codes, w_codes.t(), a_scale, ws, out_dtype=out_dt)
-    if bias is not None:
+    # Only a bias already in the output dtype: converting one would round it twice.
+    fused = bias is not None and bias_epilogue and bias.dtype == out_dt != torch.float32
+    out = torch._scaled_mm(
+        a_codes, w_codes.t(), a_scale, ws, bias=bias if fused else None, out_dtype=out_dt
+    )
+    if bias is not None and not fused:
         out = out + bias.to(out.dtype)
     return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -4,8 +4,11 @@ Launchers mirror ``quant_core.formats.quantize`` (same signature, bit-identical 
 
 - per-row (FP8, INT8): one program per row, two sweeps over the row; the second sweep reads
   the row back from L2 (a row is at most a few tens of KB), so DRAM sees the row once.
-- per-block ``B x B`` (FP8, INT8) and per ``1 x B`` (activations): one program per tile held in
-  registers; a single DRAM read of the input and a single write of codes and scales.
+- per-block ``B x B`` (FP8, INT8): one program per tile held in registers; a single DRAM read
+  of the input and a single write of codes and scales.
+- per ``1 x B`` along K (activations, ``quantize_activations``): one program per tile of rows x
+  several groups, codes = x times the reciprocal of the scale (``matmul.quantize_activations``),
+  the hardware FP8 cast on CUDA. 85-94 % of a device-to-device copy on an H200.
 - per-tensor (FP8, INT8): an absmax pass, then a quantize pass (the amax of the whole tensor
   must be known before the first code). The quantize pass walks the tensor backwards, so its
   first reads hit what the absmax pass left in L2.
@@ -13,7 +16,7 @@ Launchers mirror ``quant_core.formats.quantize`` (same signature, bit-identical 
 Memory traffic, bf16 weight ``[R, C]``: 2·R·C bytes read + R·C written (+ scales), i.e. 3 bytes
 per element, the floor for an I/O-bound conversion; per-tensor reads up to 2 bytes more.
 
-Exactness: the math is the reference's, in float32: ``scale = amax / qmax`` with IEEE division
+Exactness (weights): the reference's math, in float32: ``scale = amax / qmax`` with IEEE division
 (``div_rn``), ``w / scale`` correctly rounded (reciprocal + two exact FMA corrections, cheaper
 than a division per element), round-half-to-even by adding a power of two, and FP8 values put
 on the E4M3 grid *before* the cast (Triton's interpreter does not round FP8 casts to
@@ -31,6 +34,7 @@ Nothing is compiled at import; each kernel compiles on first launch for its cons
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -84,21 +88,35 @@ def _encode(x, k, s, inv, FP8: tl.constexpr, SIGN_FROM_X: tl.constexpr):
     q = xs * inv
     q = tl.fma(tl.fma(-q, s, xs), inv, q)
     q = tl.fma(tl.fma(-q, s, xs), inv, q)
-    if FP8:
+    # The sign of x: the corrections turn a -0.0 input into q = +0.0.
+    sign_src = x if SIGN_FROM_X else q
+    return _to_code(q, sign_src, FP8, False)
+
+
+@triton.jit
+def _to_code(q, sign_src, FP8: tl.constexpr, HW_FP8: tl.constexpr):
+    """float32 ``q`` (``|q| <= qmax * (1 + 2**-22)``) -> int8 or e4m3 code, round-half-to-even,
+    with the sign of ``sign_src`` (which has the sign the exact quotient has).
+
+    ``HW_FP8`` (GPU only): the hardware's float32 -> e4m3 conversion (``cvt.rn.satfinite``,
+    round-half-even, saturating) instead of rounding on the grid with integer arithmetic; the
+    interpreter's cast does not round to nearest-even, so the CPU tests use the grid path.
+    """
+    if FP8 and HW_FP8:
+        return q.to(tl.float8e4nv)
+    elif FP8:
         # Round onto the E4M3 grid in float32: the spacing around |q| = 1.m * 2**e is
         # 2**(e-3) (at least 2**-9, subnormals); as biased exponents step = max(E - 3, 118).
         # |q| / step < 2**5 is exact and so is the 1.5*2**23 rounding trick on it.
         q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        bits = q.to(tl.int32, bitcast=True)
-        mag_bits = bits & 0x7FFFFFFF
+        mag_bits = q.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         step_e = tl.maximum((mag_bits >> 23) - 3, 118)
         step = (step_e << 23).to(tl.float32, bitcast=True)
         inv_step = ((254 - step_e) << 23).to(tl.float32, bitcast=True)
         mag = mag_bits.to(tl.float32, bitcast=True)
         r = ((mag * inv_step + 12582912.0) - 12582912.0) * step
-        # The sign of x: the corrections turn a -0.0 input into q = +0.0.
-        sign_src = x.to(tl.int32, bitcast=True) if SIGN_FROM_X else bits
-        r_bits = r.to(tl.int32, bitcast=True) | (sign_src & -2147483648)
+        sign = sign_src.to(tl.int32, bitcast=True) & -2147483648
+        r_bits = r.to(tl.int32, bitcast=True) | sign
         return r_bits.to(tl.float32, bitcast=True).to(tl.float8e4nv)
     else:
         # q + 1.5*2**23 rounds half-to-even; the integer sits in the low mantissa bits and the
@@ -176,16 +194,12 @@ def _quantize_groups_kernel(
     stride_s_col,
     TILE_R: tl.constexpr,
     TILE_C: tl.constexpr,
-    PER_ROW: tl.constexpr,
     FP8: tl.constexpr,
     QMAX: tl.constexpr,
     SIGN_FROM_X: tl.constexpr,
 ):
-    """One ``TILE_R x TILE_C`` tile per program, held in registers.
-
-    ``PER_ROW``: each row of the tile is a ``1 x TILE_C`` group (activations, scale index
-    ``[row, col_block]``); else the whole tile is one group (weights, ``[row_block, col_block]``).
-    """
+    """One ``TILE_R x TILE_C`` weight block per program, held in registers; scale index
+    ``[row_block, col_block]``."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r.to(tl.int64) * TILE_R + tl.arange(0, TILE_R)
@@ -193,18 +207,10 @@ def _quantize_groups_kernel(
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
-    if PER_ROW:
-        scale = _scale_from_amax(_absmax(x, 1), QMAX)
-        tl.store(scale_ptr + rows * stride_s_row + pid_c * stride_s_col, scale, mask=rows < n_rows)
-        k, s, inv = _division_setup(scale)
-        codes = _encode(x, k[:, None], s[:, None], inv[:, None], FP8, SIGN_FROM_X)
-    else:
-        scale = _scale_from_amax(
-            tl.max(tl.max(_abs_bits(x), 1), 0).to(tl.float32, bitcast=True), QMAX
-        )
-        tl.store(scale_ptr + pid_r * stride_s_row + pid_c * stride_s_col, scale)
-        k, s, inv = _division_setup(scale)
-        codes = _encode(x, k, s, inv, FP8, SIGN_FROM_X)
+    scale = _scale_from_amax(tl.max(tl.max(_abs_bits(x), 1), 0).to(tl.float32, bitcast=True), QMAX)
+    tl.store(scale_ptr + pid_r * stride_s_row + pid_c * stride_s_col, scale)
+    k, s, inv = _division_setup(scale)
+    codes = _encode(x, k, s, inv, FP8, SIGN_FROM_X)
     tl.store(codes_ptr + rows[:, None] * stride_c + cols[None, :], codes, mask=mask)
 
 
@@ -265,7 +271,7 @@ def quantize(
     scale = torch.empty(grid, dtype=torch.float32, device=w.device)
     _quantize_groups_kernel[grid](
         w, codes, scale, rows, cols, w.stride(0), codes.stride(0), scale.stride(0), 1,
-        TILE_R=b, TILE_C=b, PER_ROW=False, FP8=fp8, QMAX=qmax, SIGN_FROM_X=sign_from_x,
+        TILE_R=b, TILE_C=b, FP8=fp8, QMAX=qmax, SIGN_FROM_X=sign_from_x,
         num_warps=num_warps or max(1, min(16, b * b // (1024 if fp8 else 2048))),
     )  # fmt: skip
     return codes, scale
@@ -289,30 +295,93 @@ def _quantize_tensor(
     return codes, scale
 
 
+@triton.jit
+def _quantize_act_kernel(
+    x_ptr,
+    codes_ptr,
+    scale_ptr,
+    n_rows,
+    n_cols,
+    n_groups,
+    stride_x,
+    stride_c,
+    stride_s,
+    TILE_R: tl.constexpr,
+    GROUPS: tl.constexpr,
+    B: tl.constexpr,
+    FP8: tl.constexpr,
+    QMAX: tl.constexpr,
+    HW_FP8: tl.constexpr,
+):
+    """``1 x B`` groups: one program quantizes ``TILE_R`` rows x ``GROUPS`` consecutive groups.
+
+    The tile is addressed as ``[TILE_R, GROUPS, B]`` (no reshape, so no layout shuffle): each
+    row contributes one contiguous run of ``GROUPS * B`` elements (longer DRAM bursts than one
+    group), the absmax reduces over the last axis. Scales go to ``scale[g, row]`` (K-block-major,
+    ``stride_s`` between groups): a program's stores of one group are contiguous.
+    """
+    rows = tl.program_id(0).to(tl.int64) * TILE_R + tl.arange(0, TILE_R)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    lanes = tl.arange(0, B)
+    cols = groups[None, :, None] * B + lanes[None, None, :]
+    row_ok = rows[:, None, None] < n_rows
+    mask = row_ok & (cols < n_cols)
+    x = tl.load(x_ptr + rows[:, None, None] * stride_x + cols, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    scale = _scale_from_amax(_absmax(x, 2), QMAX)  # [TILE_R, GROUPS]
+    s_ptrs = scale_ptr + groups[None, :].to(tl.int64) * stride_s + rows[:, None]
+    tl.store(s_ptrs, scale, mask=(rows[:, None] < n_rows) & (groups[None, :] < n_groups))
+    # The spec (matmul.quantize_activations): x times the IEEE reciprocal of the scale.
+    # scale >= the smallest normal, so 1 / scale is finite; |q| <= qmax (1 + 2**-22).
+    inv = tl.math.div_rn(1.0, scale)
+    q = x * inv[:, :, None]
+    codes = _to_code(q, q, FP8, HW_FP8)
+    tl.store(codes_ptr + rows[:, None, None] * stride_c + cols, codes, mask=mask)
+
+
+@dataclass(frozen=True)
+class ActConfig:
+    """Launch shape of the activation quantizer: ``tile_r`` rows x ``groups`` groups of ``B``
+    per program. ``hw_fp8``: the hardware FP8 conversion (GPU; None = on CUDA only)."""
+
+    tile_r: int = 16
+    groups: int = 2
+    num_warps: int = 4
+    hw_fp8: bool | None = None
+
+
+def default_act_config(k: int, block_size: int) -> ActConfig:
+    """The launch shape used when the caller names none (see bench/KERNELS_NOTES.md)."""
+    groups = max(1, min(2, triton.cdiv(k, block_size)))
+    return ActConfig(tile_r=max(1, min(16, 4096 // (groups * block_size))), groups=groups)
+
+
 def quantize_activations(
     x: torch.Tensor,
     *,
     fp8: bool,
     block_size: int,
-    tile_r: int | None = None,
-    num_warps: int | None = None,
-    sign_from_x: bool = True,
+    config: ActConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per ``1 x B`` groups along K: ``[M, K]`` -> codes ``[M, K]``, scale ``[M, ceil(K/B)]`` F32.
 
     The scale is stored K-block-major (``scale.t()`` is contiguous ``[ceil(K/B), M]``): the
     GEMM reads one contiguous run of M scales per K-block, and cuBLAS wants this layout too.
+    Memory: one read of x, one write of the codes (1 byte) and scales: 3 bytes per bf16 element.
     """
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
+    cfg = config or default_act_config(k, block_size)
     kb = math.ceil(k / block_size)
     codes = torch.empty(m, k, dtype=_code_dtype(fp8), device=x.device)
     scale_t = torch.empty(kb, m, dtype=torch.float32, device=x.device)
-    tile_r = tile_r or max(1, min(32, 4096 // block_size))
-    _quantize_groups_kernel[(triton.cdiv(m, tile_r), kb)](
-        x, codes, scale_t, m, k, x.stride(0), codes.stride(0), 1, scale_t.stride(0),
-        TILE_R=tile_r, TILE_C=block_size, PER_ROW=True, FP8=fp8,
-        QMAX=_FP8_MAX if fp8 else _INT8_MAX, SIGN_FROM_X=sign_from_x, num_warps=num_warps or 4,
+    hw_fp8 = x.device.type == "cuda" if cfg.hw_fp8 is None else cfg.hw_fp8
+    grid = (triton.cdiv(m, cfg.tile_r), triton.cdiv(kb, cfg.groups))
+    _quantize_act_kernel[grid](
+        x, codes, scale_t, m, k, kb, x.stride(0), codes.stride(0), scale_t.stride(0),
+        TILE_R=cfg.tile_r, GROUPS=cfg.groups, B=block_size, FP8=fp8,
+        QMAX=_FP8_MAX if fp8 else _INT8_MAX, HW_FP8=fp8 and hw_fp8, num_warps=cfg.num_warps,
+        enable_fp_fusion=False,  # x * inv + 1.5*2**23 must round twice, as the spec does
     )  # fmt: skip
     return codes, scale_t.t()

@@ -24,7 +24,6 @@ import functools
 import importlib
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -172,42 +171,84 @@ def _scaled_mm_problem(device: torch.device) -> str | None:
         return "cuBLAS block-scaled FP8 needs compute capability 9.0"
     if not hasattr(torch, "_scaled_mm"):
         return f"torch {torch.__version__} has no _scaled_mm"
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(256, 512, device=device, generator=gen, dtype=torch.bfloat16)
-    w = torch.randn(256, 512, device=device, generator=gen, dtype=torch.bfloat16)
-    fmt = Format(Kind.FP8, Scaling.BLOCK, 128)
-    codes, scale = formats.quantize(w, fmt)
-    a_codes, a_scale = matmul.quantize_activations(x, Kind.FP8, 128)
-    a_scale = a_scale.t().contiguous().t()
     try:
-        got = _kernels("block_gemm").fp8_scaled_mm(
-            a_codes, a_scale, codes, scale, bias=None, out_dtype=torch.float32
-        )
+        err = _scaled_mm_probe(device, with_bias=False)
     except Exception as exc:  # the installed torch/cuBLAS cannot do it: record why
         return f"torch {torch.__version__}: {type(exc).__name__}: {str(exc)[:200]}"
-    want = matmul.block_scaled_mm_reference(a_codes, a_scale, codes, scale, block_size=128)
-    err = float((got - want).norm() / want.norm())
     # Layout mistakes give O(1) errors; cuBLAS's own summation order gives ~1e-4.
     if not err < 2e-3:
         return f"torch {torch.__version__}: probe differs from the reference (rel. error {err:.1e})"
     return None
 
 
+@functools.cache
+def scaled_mm_bias_epilogue(device: torch.device) -> bool:
+    """Whether cuBLAS adds a bf16 bias in the block-scaled GEMM's epilogue here (one rounding,
+    no extra pass over the output), checked against the reference once per device."""
+    if _scaled_mm_problem(device) is not None:
+        return False
+    try:
+        err = _scaled_mm_probe(device, with_bias=True)
+    except Exception as exc:
+        _log_once(f"cuBLAS block-scaled FP8: no bias epilogue ({type(exc).__name__})", logging.INFO)
+        return False
+    return err < 1e-2  # bf16 output: one rounding, ~2e-3
+
+
+def _scaled_mm_probe(device: torch.device, *, with_bias: bool) -> float:
+    """Relative error of cuBLAS's block-scaled FP8 GEMM against the reference, 256x512x256."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(256, 512, device=device, generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(256, 512, device=device, generator=gen, dtype=torch.bfloat16)
+    bias = (
+        torch.randn(256, device=device, generator=gen, dtype=torch.bfloat16) if with_bias else None
+    )
+    fmt = Format(Kind.FP8, Scaling.BLOCK, 128)
+    codes, scale = formats.quantize(w, fmt)
+    a_codes, a_scale = matmul.quantize_activations(x, Kind.FP8, 128)
+    a_scale = a_scale.t().contiguous().t()
+    out_dtype = torch.bfloat16 if with_bias else torch.float32
+    bias = bias if with_bias else None
+    got = _kernels("block_gemm").fp8_scaled_mm(
+        a_codes, a_scale, codes, scale, bias=bias, out_dtype=out_dtype, bias_epilogue=with_bias
+    )
+    want = matmul.block_scaled_mm_reference(
+        a_codes, a_scale, codes, scale, block_size=128, bias=bias
+    )
+    return float((got.float() - want).norm() / want.norm())
+
+
+# cuBLAS's block-scaled FP8 GEMM refuses some shapes at run time (M = 1 raised
+# CUBLAS_STATUS_NOT_SUPPORTED on an H200 with torch 2.11); for few rows the Triton kernel is
+# the better choice anyway (bench/KERNELS_NOTES.md), so cuBLAS takes only M >= this.
+SCALED_MM_MIN_ROWS = 64
+
+
+def scaled_mm_shape_problem(rows: int, n: int, k: int, block_size: int | None) -> str | None:
+    """Why cuBLAS's block-scaled FP8 GEMM is not used for ``[rows, k] @ [n, k].T`` (None: it is)."""
+    if block_size != 128 or k % 512 or n % 128:
+        return "needs B=128, K a multiple of 512 and N of 128"
+    if rows < SCALED_MM_MIN_ROWS:
+        return f"{rows} rows (cuBLAS takes M >= {SCALED_MM_MIN_ROWS}; it refuses M=1)"
+    return None
+
+
 def choose_block_linear(
     x: torch.Tensor, codes: torch.Tensor, fmt: Format, backend: str = AUTO
 ) -> Choice:
-    """Backend for ``block_scaled_linear(x, codes, scale, fmt, ...)``."""
+    """Backend for ``block_scaled_linear(x, codes, scale, fmt, ...)``; ``x`` ``[..., K]``."""
     fp8 = fmt.kind is Kind.FP8
     triton_problem = _triton_device_problem(x.device, fp8=fp8) or _block_problem(fmt)
     candidates: dict[str, str | None] = {}
     if fp8:
         n, k = codes.shape
+        rows = x.numel() // max(1, x.shape[-1])
         if x.device.type != "cuda":
             candidates["scaled_mm"] = "needs CUDA"
-        elif fmt.block_size != 128 or k % 512 or n % 128:
-            candidates["scaled_mm"] = "needs B=128, K a multiple of 512 and N of 128"
         else:
-            candidates["scaled_mm"] = _scaled_mm_problem(x.device)
+            candidates["scaled_mm"] = scaled_mm_shape_problem(
+                rows, n, k, fmt.block_size
+            ) or _scaled_mm_problem(x.device)
     candidates["triton"] = triton_problem
     candidates["torch"] = None
     what = f"block_scaled_linear {fmt.label} on {x.device}"
@@ -286,17 +327,33 @@ def block_scaled_linear(
         return matmul.block_scaled_linear_reference(x, codes, scale, fmt, bias, out_dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if choice.backend == "triton" or choice.reasons.get("triton") is None:
+    triton_ok = choice.reasons.get("triton") is None
+    if triton_ok:
         a_codes, a_scale = _kernels("quantize").quantize_activations(
             x2, fp8=fmt.kind is Kind.FP8, block_size=fmt.block_size
         )
     else:  # cuBLAS FP8 without Triton: activations quantized by the PyTorch reference
         a_codes, a_scale = matmul.quantize_activations(x2, fmt.kind, fmt.block_size)
     gemm = _kernels("block_gemm")
-    run: Callable[..., torch.Tensor]
+    y = None
     if choice.backend == "scaled_mm":
-        run = gemm.fp8_scaled_mm
-    else:
-        run = functools.partial(gemm.block_scaled_mm, block_size=fmt.block_size)
-    y = run(a_codes, a_scale, codes, scale, bias=bias, out_dtype=out_dtype)
+        epilogue = bias is not None and scaled_mm_bias_epilogue(x.device)
+        try:
+            y = gemm.fp8_scaled_mm(
+                a_codes, a_scale, codes, scale, bias=bias, out_dtype=out_dtype,
+                bias_epilogue=epilogue,
+            )  # fmt: skip
+        except RuntimeError as exc:  # a shape cuBLAS refuses: Triton runs it (logged once)
+            if backend != AUTO or not triton_ok:
+                raise
+            _log_once(
+                f"block_scaled_linear: cuBLAS refused {tuple(x2.shape)} @ {tuple(codes.shape)}"
+                f" ({str(exc).splitlines()[0][:200]}); Triton runs it",
+                logging.WARNING,
+            )
+    if y is None:
+        y = gemm.block_scaled_mm(
+            a_codes, a_scale, codes, scale, block_size=fmt.block_size, bias=bias,
+            out_dtype=out_dtype,
+        )  # fmt: skip
     return y.reshape(*lead, codes.shape[0])

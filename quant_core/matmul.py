@@ -2,8 +2,9 @@
 
 ``y = x @ W.T + bias`` where W ``[N, K]`` is stored as 8-bit codes in ``B x B`` blocks with
 scales ``[ceil(N/B), ceil(K/B)]`` (``Format(kind, Scaling.BLOCK, B)``), and x ``[..., K]`` is
-quantized on the fly per ``1 x B`` group along K (INT8: symmetric absmax/127; FP8 E4M3:
-absmax/448; round-half-to-even, saturating; an all-zero group gets scale 1).
+quantized on the fly per ``1 x B`` group along K (scale = absmax/127 for INT8, absmax/448 for
+FP8 E4M3, an all-zero group gets scale 1; codes = x times the reciprocal of the scale, rounded
+half-to-even onto the grid, saturating).
 
 Per K-block ``kb`` (DeepSeek-V3 / JetFire style)::
 
@@ -61,7 +62,12 @@ def quantize_activations(
     # reciprocal of a Python-number divisor (which is not always the same float).
     scale = amax / amax.new_full((), qmax)
     scale = torch.where(amax > 0, scale, torch.ones_like(amax)).clamp_min(_FLT_TINY)
-    q = round_to_grid(xf / scale[:, :, None], kind).view(rows, groups * b)[:, :cols]
+    # Codes are x times the (IEEE, correctly rounded) reciprocal of the scale: one multiply
+    # per element in the kernels, which run once per forward pass at memory speed (an exact
+    # per-element quotient costs them ~4 more FMAs). scale >= the smallest normal float, so
+    # the reciprocal is finite, and |q| <= qmax * (1 + 2**-22) still rounds to at most qmax.
+    inv = torch.ones_like(scale) / scale
+    q = round_to_grid(xf * inv[:, :, None], kind).view(rows, groups * b)[:, :cols]
     return q.to(torch.float8_e4m3fn if kind is Kind.FP8 else torch.int8), scale
 
 

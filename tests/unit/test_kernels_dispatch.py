@@ -67,6 +67,21 @@ def test_unsupported_inputs_fall_back(kernel_device: torch.device) -> None:
     assert dispatch.choose_quantize(w.bfloat16(), INT8_ROW).backend == "triton"
 
 
+def test_cublas_fp8_is_not_chosen_for_shapes_it_refuses() -> None:
+    """cuBLAS's block-scaled FP8 GEMM raised CUBLAS_STATUS_NOT_SUPPORTED for M = 1 (the
+    modulation layers of a DiT): the shape rule keeps it for M >= SCALED_MM_MIN_ROWS only."""
+    rule = dispatch.scaled_mm_shape_problem
+    min_rows = dispatch.SCALED_MM_MIN_ROWS
+    assert 1 < min_rows <= 512  # a DiT's text tokens (512) still go to cuBLAS
+    assert rule(4096, 3072, 3072, 128) is None
+    assert rule(min_rows, 3072, 3072, 128) is None
+    assert "rows" in rule(1, 18432, 3072, 128)
+    assert "rows" in rule(min_rows - 1, 3072, 3072, 128)
+    assert "K a multiple of 512" in rule(4096, 3072, 3200, 128)
+    assert "N of 128" in rule(4096, 3000, 3072, 128)
+    assert "B=128" in rule(4096, 3072, 3072, 64)
+
+
 def run_python(code: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

@@ -101,7 +101,7 @@ def test_leading_dims_bias_and_output_dtypes(kernel_device: torch.device) -> Non
 
 
 def test_kernel_variants_agree(kernel_device: torch.device) -> None:
-    """Pipelined, magic-conversion and pointer-load variants compute the same sums."""
+    """Pipelined, magic-conversion, pointer-load and persistent variants compute the same sums."""
     gemm = dispatch._kernels("block_gemm")
     fmt = Format(Kind.INT8, Scaling.BLOCK, B)
     x, w, _ = operands(40, 256, 128, seed=4)
@@ -114,6 +114,7 @@ def test_kernel_variants_agree(kernel_device: torch.device) -> None:
         gemm.GemmConfig(64, 64, 4, 2, pipeline=True),
         gemm.GemmConfig(64, 64, 4, 2, magic_cvt=True),
         gemm.GemmConfig(32, 64, 4, 2, use_tma=False),
+        gemm.GemmConfig(32, 64, 4, 2, persistent=3),  # 3 programs for 4 tiles
     ):
         got = gemm.block_scaled_mm(
             *ops, block_size=B, bias=None, out_dtype=torch.float32, config=cfg

@@ -114,3 +114,49 @@ def test_activation_quantization_matches_reference(
     amax = groups.abs().amax(dim=2)
     want = torch.where(amax > 0, amax / fmt.qmax, torch.ones_like(amax))
     torch.testing.assert_close(scale.cpu().double(), want, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("kind", [Kind.INT8, Kind.FP8])
+@pytest.mark.parametrize(
+    ("tile_r", "groups", "k"),
+    [(4, 4, 200), (8, 2, 256), (1, 8, 448)],
+    ids=["ragged-k", "exact-tiles", "more-groups-than-k"],
+)
+def test_activation_launch_shapes_and_edge_values(
+    kernel_device: torch.device, kind: Kind, tile_r: int, groups: int, k: int
+) -> None:
+    """Every launch shape gives the reference's bits, on ties, signed zeros, fp32 subnormals, an
+    all-zero group, a group of subnormals (scale clamped to the smallest normal) and the
+    largest float (its reciprocal scale is tiny but normal)."""
+    gemm_quant = dispatch._kernels("quantize")
+    x = weights(21, k, torch.float32, seed=k + tile_r)
+    x[0, :6] = torch.tensor([0.5, 1.5, 2.5, -0.0, 1e-40, -1e-42])
+    x[0, 6] = 127.0  # group scale 1: the codes of 0.5, 1.5, 2.5 are exact ties
+    x[1, :64] = 0.0
+    x[2, 64:128] *= 1e-39
+    x[4, 5] = 3.0e38
+    ref_codes, ref_scale = matmul.quantize_activations(x, kind, 64)
+    cfg = gemm_quant.ActConfig(tile_r=tile_r, groups=groups, num_warps=1, hw_fp8=False)
+    codes, scale = gemm_quant.quantize_activations(
+        x.to(kernel_device), fp8=kind is Kind.FP8, block_size=64, config=cfg
+    )
+    assert scale.shape == ref_scale.shape and scale.stride(0) == 1  # K-block-major storage
+    assert same_bits(codes, ref_codes) and same_bits(scale, ref_scale)
+    if kind is Kind.INT8:  # half-to-even ties: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+        assert codes[0, :3].tolist() == [0, 2, 2]
+    else:  # -0.0 keeps its sign bit
+        assert codes[0, 3].view(torch.uint8).item() == 0x80
+    assert ref_scale[2, 1].item() == torch.finfo(torch.float32).tiny
+
+
+def test_activation_codes_are_x_times_reciprocal_scale_rounded() -> None:
+    """The spec against an independent float64 statement of it: codes = RNE(x * (1/scale))
+    with 1/scale correctly rounded to float32, saturating at qmax."""
+    x = weights(16, 256, torch.bfloat16, seed=5).float()
+    for kind, qmax in ((Kind.INT8, 127.0), (Kind.FP8, 448.0)):
+        codes, scale = matmul.quantize_activations(x, kind, 128)
+        inv = (1.0 / scale.double()).float().double()  # RN(1/scale): exact in float64, rounded
+        q = (x.double().view(16, 2, 128) * inv[:, :, None]).float().view(16, 256)
+        assert float(q.abs().max()) <= qmax * (1 + 2**-22)
+        want = q.round() if kind is Kind.INT8 else q.to(torch.float8_e4m3fn).float()
+        assert torch.equal(codes.float(), want)
