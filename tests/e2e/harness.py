@@ -161,7 +161,12 @@ class ComfyServer:
         ]  # fmt: skip
         started = time.monotonic()
         log = open(self.root / "server.log", "wb")
-        self._proc = subprocess.Popen(cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT)
+        # The server runs as a user's would: not with the test suite's Triton CPU interpreter
+        # (tests/conftest.py sets TRITON_INTERPRET=1 for the kernel tests, and it is inherited).
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        self._proc = subprocess.Popen(
+            cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         deadline = started + 90
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
