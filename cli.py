@@ -33,6 +33,7 @@ from .quant_core import (
 from .quant_core.config import OUTPUT_DTYPES
 from .quant_core.errors import ConfigError
 from .quant_core.layer_config import FORMAT_NAMES, UNWRITABLE_FORMATS, load_layer_config
+from .quant_core.learned import OBJECTIVES, OPTIMIZERS, SCHEDULES, LearnedOptions
 from .quant_core.pipeline import Progress
 from .quant_core.rules import RuleOptions, layer_config_template
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_rule_arguments(p)
+    _add_learned_arguments(p)
     return p  # fmt: skip
 
 
@@ -120,13 +122,15 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         kind="int8" if args.int8 else "fp8",
         scaling=args.scaling_mode,
         block_size=args.block_size,
-        rounding="nearest",
+        rounding=_rounding(args),
         output_dtype=args.output_dtype,
         device=args.device,
         seed=args.manual_seed,
         upgrade_legacy=args.upgrade_legacy,
         cpu_threads=args.threads if args.threads is not None else default_threads(),
         rules=rule_options_from_args(args),
+        learned=_learned_options(args),
+        calibration=args.calibration,
     )
 
 
@@ -331,6 +335,152 @@ def experimental_help() -> str:
 
 
 # --- end of issue 3 options ---------------------------------------------------------------------
+
+
+# --- learned rounding (issue 4) ----------------------------------------------------------------
+_LEARNED_DEFAULTS = LearnedOptions()
+
+
+def _add_learned_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "learned rounding",
+        "With --calibration the codes minimise each layer's output error on recorded inputs "
+        "(error feedback + coordinate descent; a guard keeps round-to-nearest wherever it is "
+        "not better on held-out rows). --simple forces round-to-nearest.",
+    )
+    d = _LEARNED_DEFAULTS
+
+    def opt(*names: str, **kw: object) -> None:
+        g.add_argument(*names, **kw)  # type: ignore[arg-type]
+
+    opt(
+        "--calibration",
+        metavar="CAL",
+        help="calibration statistics (.safetensors from "
+        "CalibrationRecorder); makes learned rounding the default",
+    )
+    opt(
+        "--learned",
+        action="store_true",
+        help="learned rounding without --calibration (needs --objective svd)",
+    )
+    opt(
+        "--objective",
+        choices=OBJECTIVES,
+        default=d.objective,
+        help="output: E||X(W-Ŵ)ᵀ||² "
+        "on the calibration inputs (default); svd: the reference tool's data-free proxy",
+    )
+    opt(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=d.optimizer,
+        help="original: coordinate descent on the codes (default); adamw/radam: "
+        "straight-through gradient steps",
+    )
+    opt(
+        "--lr",
+        type=float,
+        default=d.lr,
+        help=f"initial learning rate (default {d.lr}; "
+        "for original: the fraction of a row moved per step)",
+    )
+    opt(
+        "--num_iter",
+        "--num-iter",
+        dest="num_iter",
+        type=int,
+        default=d.num_iter,
+        help=f"refinement steps per layer (default {d.num_iter})",
+    )
+    opt(
+        "--lr_schedule",
+        "--lr-schedule",
+        dest="lr_schedule",
+        choices=SCHEDULES,
+        default=d.schedule,
+        help=f"LR schedule (default {d.schedule})",
+    )
+    opt("--lr_gamma", type=float, default=d.lr_gamma, help="exponential: factor per step")
+    opt(
+        "--lr_patience",
+        type=int,
+        default=d.lr_patience,
+        help="plateau: steps without improvement before a decay",
+    )
+    opt("--lr_factor", type=float, default=d.lr_factor, help="plateau/adaptive: decay factor")
+    opt(
+        "--lr_cooldown",
+        type=int,
+        default=d.lr_cooldown,
+        help="plateau: steps after a decay before counting again",
+    )
+    opt("--lr_min", type=float, default=d.lr_min, help="lower bound of the LR")
+    opt(
+        "--lr_threshold",
+        type=float,
+        default=d.lr_threshold,
+        help="relative loss decrease that counts as an improvement",
+    )
+    opt(
+        "--early_stop",
+        "--early-stop",
+        dest="early_stop",
+        type=int,
+        default=d.early_stop,
+        help=f"stop after this many steps without improvement (default {d.early_stop})",
+    )
+    opt("--top_p", type=float, default=d.top_p, help="svd: fraction of singular vectors")
+    opt("--min_k", type=int, default=d.min_k, help="svd: least number of singular vectors")
+    opt("--max_k", type=int, default=d.max_k, help="svd: most number of singular vectors")
+    opt("--damp", type=float, default=d.damp, help="relative ridge added to the statistics")
+    opt(
+        "--no-error-feedback",
+        dest="error_feedback",
+        action="store_false",
+        help="start the search from round-to-nearest instead of GPTQ-style error feedback",
+    )
+    opt(
+        "--no-bias-correction",
+        dest="bias_correction",
+        action="store_false",
+        help="keep biases as they are (default: absorb the mean output error)",
+    )
+    opt("--no-input-scale", dest="input_scale", action="store_false",
+        help="do not write a calibrated input_scale for FP8 per-tensor layers")  # fmt: skip
+
+
+def _rounding(args: argparse.Namespace) -> str:
+    if args.simple:
+        return "nearest"
+    return "learned" if args.calibration or args.learned else "nearest"
+
+
+def _learned_options(args: argparse.Namespace) -> LearnedOptions:
+    return LearnedOptions(
+        objective=args.objective,
+        error_feedback=args.error_feedback,
+        damp=args.damp,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        num_iter=args.num_iter,
+        schedule=args.lr_schedule,
+        lr_gamma=args.lr_gamma,
+        lr_patience=args.lr_patience,
+        lr_factor=args.lr_factor,
+        lr_cooldown=args.lr_cooldown,
+        lr_min=args.lr_min,
+        lr_threshold=args.lr_threshold,
+        early_stop=args.early_stop,
+        top_p=args.top_p,
+        min_k=args.min_k,
+        max_k=args.max_k,
+        bias_correction=args.bias_correction,
+        input_scale=args.input_scale,
+    )
+
+
+# --- end learned rounding ----------------------------------------------------------------------
 
 
 def default_output(input_path: Path, config: QuantConfig) -> Path:

@@ -14,6 +14,7 @@ from .config import QuantConfig
 from .errors import Cancelled, ConfigError, InputError, OutputError, QuantError
 from .formats import Format, Kind, Scaling
 from .layer_config import LayerConfig, load_layer_config, parse_layer_config
+from .learned import LearnedOptions  # issue 4: options of learned rounding (QuantConfig.learned)
 from .pipeline import Progress, dry_run, plan_model, quantize_model
 from .plan import Plan
 from .report import LayerReport, Report
@@ -28,6 +29,7 @@ __all__ = [
     "Kind",
     "LayerConfig",
     "LayerReport",
+    "LearnedOptions",
     "OutputError",
     "Plan",
     "Progress",

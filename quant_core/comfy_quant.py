@@ -28,6 +28,7 @@ WEIGHT_SUFFIX = ".weight"
 SCALE_SUFFIX = ".weight_scale"
 INPUT_SCALE_SUFFIX = ".input_scale"
 CONF_SUFFIX = ".comfy_quant"
+BIAS_SUFFIX = ".bias"  # a layer's own bias (rewritten by bias correction)
 
 
 def layer_name(weight_key: str) -> str:

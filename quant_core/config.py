@@ -8,6 +8,7 @@ import torch
 
 from .errors import ConfigError
 from .formats import Format, Kind, Scaling
+from .learned import LearnedOptions
 from .rules import RuleOptions
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
@@ -40,6 +41,10 @@ class QuantConfig:
     upgrade_legacy: bool = False
     cpu_threads: int | None = None
     rules: RuleOptions = field(default_factory=RuleOptions)
+    # --- learned rounding (issue 4): options of the search, and the calibration file ---
+    learned: LearnedOptions = field(default_factory=LearnedOptions)
+    calibration: str | None = None
+    # --- end learned rounding ---
 
     def __post_init__(self) -> None:
         try:
@@ -70,6 +75,20 @@ class QuantConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ConfigError(f"unknown device {self.device!r}; use 'cpu' or 'cuda[:N]'") from None
+        # --- learned rounding (issue 4) ---
+        if not isinstance(self.learned, LearnedOptions):
+            raise ConfigError("learned must be a LearnedOptions (see quant_core.learned)")
+        if (
+            self.rounding == "learned"
+            and self.learned.objective == "output"
+            and self.calibration is None
+        ):
+            raise ConfigError(
+                "learned rounding with the output objective needs calibration statistics: "
+                "pass --calibration FILE (record it with CalibrationRecorder), or use "
+                "--objective svd for the data-free proxy"
+            )
+        # --- end learned rounding ---
 
     @property
     def format(self) -> Format:

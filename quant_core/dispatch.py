@@ -357,3 +357,33 @@ def block_scaled_linear(
             out_dtype=out_dtype,
         )  # fmt: skip
     return y.reshape(*lead, codes.shape[0])
+
+
+# --- learned rounding (issue 4): the sequential part of GPTQ-style error feedback -------------
+
+
+def choose_error_feedback(device: torch.device, backend: str = AUTO) -> Choice:
+    """Backend for one column block of error feedback (``kernels/gptq.py`` or PyTorch).
+
+    The kernel rounds on the FP8 grid with float32 arithmetic, so it needs no FP8 hardware.
+    """
+    problem = _triton_device_problem(device, fp8=False)
+    return _choose(f"error feedback on {device}", device, {"triton": problem, "torch": None},
+                   backend)  # fmt: skip
+
+
+def error_feedback_block(
+    target: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    ubar: torch.Tensor,
+    kind: Kind,
+    codes: torch.Tensor,
+    pre: torch.Tensor,
+) -> torch.Tensor:
+    """The Triton kernel for one block (same contract as ``error_feedback._block_reference``);
+    call it only where :func:`choose_error_feedback` chose ``triton``."""
+    return _kernels("gptq").gptq_block(target, w, scale, ubar, kind.value, codes, pre)
+
+
+# --- end learned rounding ---------------------------------------------------------------------

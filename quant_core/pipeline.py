@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,12 +19,16 @@ from pathlib import Path
 import torch
 
 from . import comfy_quant, dispatch, dtypes, formats
+from .calibration import CalibrationFile
 from .config import QuantConfig
 from .errors import Cancelled, InputError, at
 from .plan import Action, Plan, PlanEntry, build_plan
+from .quantizer import quantize_layer
 from .report import LayerReport, Report
 from .source import Source
 from .writer import StreamingWriter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ def quantize_model(
     device = torch.device(config.device)
     started = time.perf_counter()
     bytes_done = 0
+    # --- learned rounding (issue 4) ---
+    learned = _LearnedContext.open(config, device, plan)
+    # --- end learned rounding ---
     with (
         _cpu_threads(config.cpu_threads),
         StreamingWriter(
@@ -86,7 +94,7 @@ def quantize_model(
                 raise Cancelled(f"{source.name}: cancelled; no output written")
             t0 = time.perf_counter()
             try:
-                outputs = _run_entry(entry, inputs.next(), config, device, layer_report)
+                outputs = _run_entry(entry, inputs.next(), config, device, layer_report, learned)
             except formats.NonFiniteWeightError:
                 raise InputError(
                     f"{at(source.name, entry.layer)}: weight contains NaN or Inf"
@@ -111,6 +119,10 @@ def quantize_model(
             raise Cancelled(f"{source.name}: cancelled; no output written")
         writes.drain()
         writer.commit()
+    # --- learned rounding (issue 4) ---
+    if learned is not None:
+        report.notes.extend(learned.notes(report))
+    # --- end learned rounding ---
     report.elapsed_s = time.perf_counter() - started
     return report
 
@@ -228,6 +240,7 @@ def _run_entry(
     config: QuantConfig,
     device: torch.device,
     rep: LayerReport,
+    learned: _LearnedContext | None = None,
 ) -> dict[str, torch.Tensor]:
     """The output tensors of one plan entry (updates ``rep`` with what it measured)."""
     if entry.action is Action.DROP:
@@ -240,6 +253,10 @@ def _run_entry(
         return {out.name: tensor}
     if entry.action is Action.UPGRADE_LEGACY:
         return _upgrade_legacy(entry, inputs)
+    # --- learned rounding (issue 4) ---
+    if learned is not None and (entry.rounding == "learned" or entry.calibration is not None):
+        return learned.quantize(entry, inputs, rep)
+    # --- end learned rounding ---
     workers = config.cpu_threads if device.type == "cpu" and config.cpu_threads else 1
     return _quantize_entry(entry, inputs, device, rep, workers=workers)
 
@@ -277,3 +294,94 @@ def _upgrade_legacy(entry: PlanEntry, inputs: dict[str, torch.Tensor]) -> dict[s
     return comfy_quant.layer_tensors(
         entry.layer, weight, scale, entry.settings, input_scale=input_scale
     )
+
+
+# --- learned rounding (issue 4) ----------------------------------------------------------------
+class _LearnedContext:
+    """What learned rounding needs across entries: the calibration file and the fallbacks."""
+
+    def __init__(self, config: QuantConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.calibration = CalibrationFile(config.calibration) if config.calibration else None
+        self.fallbacks: list[str] = []
+
+    @classmethod
+    def open(cls, config: QuantConfig, device: torch.device, plan: Plan) -> _LearnedContext | None:
+        # a layer config may ask for learned rounding on some layers only
+        wanted = any(e.rounding == "learned" for e in plan.entries)
+        if not wanted and config.calibration is None:
+            return None
+        return cls(config, device)
+
+    def _fallback(self, message: str) -> None:
+        if message not in self.fallbacks:
+            log.warning("%s", message)
+            self.fallbacks.append(message)
+
+    def quantize(
+        self, entry: PlanEntry, inputs: dict[str, torch.Tensor], rep: LayerReport
+    ) -> dict[str, torch.Tensor]:
+        fmt = entry.fmt
+        assert fmt is not None and entry.settings is not None
+        weight = inputs[entry.key].to(self.device)
+        stats = None
+        if self.calibration is not None and entry.calibration is not None:
+            stats = self.calibration.get(entry.calibration)
+            if stats is not None and stats.in_features != weight.shape[1]:
+                raise InputError(
+                    f"{entry.layer}: calibration {entry.calibration} has {stats.in_features} "
+                    f"input features, the weight {weight.shape[1]}"
+                )
+        bias_in = [t for t in entry.inputs[1:] if t.name.endswith(comfy_quant.BIAS_SUFFIX)]
+        bias = inputs[bias_in[0].name].to(self.device) if bias_in else None
+        result = quantize_layer(
+            weight,
+            fmt,
+            rounding=entry.rounding,
+            stats=stats,
+            bias=bias,
+            options=self.config.learned,
+            seed=self.config.seed,
+        )
+        if "learned_skipped" in result.extra:
+            self._fallback(f"round-to-nearest where learned was asked: "
+                           f"{result.extra['learned_skipped']} (e.g. {entry.layer})")  # fmt: skip
+        rep.weight_sqnr_db = result.weight_sqnr_db
+        rep.output_sqnr_db = result.output_sqnr_db
+        rep.extra.update(result.extra)
+        wanted = {t.name: t for t in entry.outputs}
+        input_scale = None
+        if entry.layer + comfy_quant.INPUT_SCALE_SUFFIX in wanted:
+            input_scale = result.input_scale if result.input_scale is not None else torch.ones(())
+        out = comfy_quant.layer_tensors(
+            entry.layer, result.codes, result.scale, entry.settings, input_scale=input_scale
+        )
+        if bias_in:
+            target = wanted[bias_in[0].name]
+            value = result.bias if result.bias is not None else bias
+            assert value is not None
+            out[target.name] = value.to(dtypes.to_torch(target.dtype))
+        return out
+
+    def notes(self, report: Report) -> list[str]:
+        learned = [r for r in report.quantized if "kept" in r.extra]
+        lines = list(self.fallbacks)
+        if learned:
+            kept_rtn = [r.name for r in learned if r.extra["kept"] == "nearest"]
+            gains = [
+                r.output_sqnr_db - r.extra["rtn_output_sqnr_db"]
+                for r in learned
+                if r.output_sqnr_db is not None and "rtn_output_sqnr_db" in r.extra
+            ]
+            line = f"learned rounding: {len(learned) - len(kept_rtn)} of {len(learned)} layers"
+            if gains:
+                line += f", output SQNR {sum(gains) / len(gains):+.2f} dB mean vs round-to-nearest"
+            if kept_rtn:
+                shown = ", ".join(kept_rtn[:5]) + (" ..." if len(kept_rtn) > 5 else "")
+                line += f"; the guard kept round-to-nearest for {len(kept_rtn)}: {shown}"
+            lines.append(line)
+        return lines
+
+
+# --- end learned rounding ----------------------------------------------------------------------

@@ -41,6 +41,9 @@ class PlanEntry:
     settings: Mapping[str, object] | None = None
     rounding: str = "nearest"
     reason: str = ""
+    # --- calibration (issue 4): the layer's key in the calibration file, if it has stats ---
+    calibration: str | None = None
+    # --- end calibration ---
 
     @property
     def layer(self) -> str:
@@ -129,6 +132,11 @@ def build_plan(source: Source, config: QuantConfig) -> Plan:
         decisions = decide_all(source.name, infos, config)
         entries = [_entry(info, decisions.by_key[key], config) for key, info in infos.items()]
         notes, architecture = decisions.notes, decisions.architecture
+        # --- calibration (issue 4) ---
+        if config.calibration is not None:
+            entries, calibration_notes = _calibrated(entries, config)
+            notes = (*notes, *calibration_notes)
+        # --- end calibration ---
     plan_entries = tuple(entries)
     quantized = {e.layer: e.settings for e in plan_entries if e.settings is not None}
     metadata = dict(source.metadata)
@@ -237,3 +245,66 @@ def _legacy_entries(source: Source, prefix: str) -> list[PlanEntry]:
 
 def _scalar(source: Source, key: str) -> float:
     return float(source.read(key).float().reshape(-1)[0])
+
+
+# --- calibration (issue 4) ---------------------------------------------------------------------
+# With a calibration file, a quantized layer that has statistics may also write its corrected
+# bias and (FP8 per-tensor) an input_scale; both join the layer's entry so that the plan stays
+# the single description of what is written (``--dry-run`` shows exactly the conversion).
+
+
+def _calibrated(
+    entries: list[PlanEntry], config: QuantConfig
+) -> tuple[list[PlanEntry], tuple[str, ...]]:
+    from .calibration import CalibrationFile, match_keys
+
+    assert config.calibration is not None
+    calib = CalibrationFile(config.calibration)
+    weights = [e.key for e in entries if e.action is Action.QUANTIZE]
+    matched = match_keys(weights, calib.keys())
+    options = config.learned
+    biases = {e.key: e for e in entries if e.action is Action.KEEP}
+    merged: set[str] = set()
+    out: list[PlanEntry] = []
+    for e in entries:
+        key = matched.get(e.key)
+        if e.action is not Action.QUANTIZE or key is None:
+            out.append(e)
+            continue
+        assert e.fmt is not None and e.settings is not None
+        inputs, outputs = list(e.inputs), list(e.outputs)
+        bias = biases.get(e.layer + comfy_quant.BIAS_SUFFIX)
+        if (
+            options.bias_correction
+            and bias is not None
+            and bias.inputs[0].shape == (e.inputs[0].shape[0],)
+        ):
+            inputs.append(bias.inputs[0])
+            outputs.append(bias.outputs[0])
+            merged.add(bias.key)
+        if options.input_scale and e.fmt.kind is Kind.FP8 and e.fmt.scaling is Scaling.TENSOR:
+            spec = comfy_quant.output_specs(
+                e.layer, e.inputs[0].shape, e.fmt, e.settings, with_input_scale=True
+            )[-1]
+            outputs.append(TensorInfo(*spec))
+        out.append(
+            PlanEntry(
+                key=e.key,
+                action=e.action,
+                inputs=tuple(inputs),
+                outputs=tuple(outputs),
+                fmt=e.fmt,
+                settings=e.settings,
+                rounding=e.rounding,
+                reason=(e.reason + "; " if e.reason else "") + "calibrated",
+                calibration=key,
+            )
+        )
+    out = [e for e in out if e.key not in merged]
+    missing = len(weights) - len(matched)
+    notes = (f"calibration {calib.path.name}: statistics for {len(matched)} of {len(weights)} "
+             f"quantized layers" + (f" ({missing} without)" if missing else ""),)  # fmt: skip
+    return out, notes
+
+
+# --- end calibration ---------------------------------------------------------------------------
