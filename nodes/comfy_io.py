@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import comfy.model_management
+import comfy.samplers
 import comfy.sd
 import comfy.utils
 import folder_paths
 from server import PromptServer
+
+import nodes as comfy_nodes  # ComfyUI's own nodes.py (this pack's folder is a package)
 
 from ..quant_core import Cancelled, Progress
 from .events import EVENT_LAYER, layer_payload
@@ -97,6 +100,34 @@ class ProgressReporter:
             self._bar = comfy.utils.ProgressBar(progress.total, node_id=self._node_id)
         self._bar.update_absolute(progress.done, progress.total)
         send(EVENT_LAYER, layer_payload(self._node_id, progress))
+
+
+SAMPLERS: list[str] = list(comfy.samplers.KSampler.SAMPLERS)
+SCHEDULERS: list[str] = list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def sample(
+    model: Any,
+    *,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive: Any,
+    negative: Any,
+    latent: dict[str, Any],
+) -> dict[str, Any]:
+    """What KSampler does (noise, sampling, progress bar, preview, interrupt): the new latent."""
+    (out,) = comfy_nodes.common_ksampler(
+        model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent
+    )
+    return out
+
+
+def diffusion_module(model: Any) -> Any:
+    """The MODEL's diffusion network: its state-dict names are those of a diffusion file."""
+    return model.model.diffusion_model
 
 
 def load_diffusion_model(path: Path) -> tuple[Any, str | None]:

@@ -17,6 +17,7 @@ from ..quant_core import (
     Format,
     Kind,
     LayerConfig,
+    LearnedOptions,
     QuantConfig,
     RuleOptions,
     Scaling,
@@ -54,6 +55,8 @@ ROUNDINGS = ("nearest", "learned")
 DEVICES = ("auto", "cpu")
 # "auto": as stored for files; bf16 for a MODEL/CLIP input (ComfyUI may hold those upcast).
 KEEP_DTYPES = ("auto", "keep", "bf16", "fp16", "fp32")
+# Learned rounding's widgets start at quant_core's measured defaults.
+LEARNED_DEFAULTS = LearnedOptions()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +71,17 @@ class QuantizeWidgets:
     device: str = "auto"
     seed: int = 0
     layer_config: str = ""  # JSON text, as in a --layer-config file; empty: none
+    # learned rounding (used when rounding == "learned")
+    objective: str = LEARNED_DEFAULTS.objective
+    optimizer: str = LEARNED_DEFAULTS.optimizer
+    lr_schedule: str = LEARNED_DEFAULTS.schedule
+    lr: float = LEARNED_DEFAULTS.lr
+    iterations: int = LEARNED_DEFAULTS.num_iter
+    lr_gamma: float = LEARNED_DEFAULTS.lr_gamma
+    lr_patience: int = LEARNED_DEFAULTS.lr_patience
+    lr_factor: float = LEARNED_DEFAULTS.lr_factor
+    lr_min: float = LEARNED_DEFAULTS.lr_min
+    calibration: str | None = None  # path of a calibration file (the Calibrate node's output)
 
 
 def config_from_widgets(
@@ -88,10 +102,11 @@ def config_from_widgets(
     kind, scaling = FORMATS[widgets.format]
     if widgets.rounding not in ROUNDINGS:
         raise ConfigError(f"rounding: unknown choice {widgets.rounding!r}; use one of {ROUNDINGS}")
-    if widgets.rounding == "learned" and not learned_rounding_available():
+    if widgets.rounding == "learned" and widgets.objective == "output" and not widgets.calibration:
         raise ConfigError(
-            "rounding: learned rounding is not available in this version of the pack; "
-            "choose 'nearest'"
+            "calibration: learned rounding with the output objective needs the inputs each "
+            "layer sees; connect a 'Calibrate for Learned Rounding' node to calibration, or set "
+            "objective to svd (a data-free proxy that rarely beats nearest)"
         )
     if widgets.keep_dtype not in KEEP_DTYPES:
         raise ConfigError(
@@ -113,6 +128,18 @@ def config_from_widgets(
         rules = RuleOptions(
             preset=widgets.preset, layer_config=parse_layer_config_text(widgets.layer_config)
         )
+        learned = dataclasses.replace(
+            LEARNED_DEFAULTS,
+            objective=widgets.objective,
+            optimizer=widgets.optimizer,
+            schedule=widgets.lr_schedule,
+            lr=widgets.lr,
+            num_iter=widgets.iterations,
+            lr_gamma=widgets.lr_gamma,
+            lr_patience=widgets.lr_patience,
+            lr_factor=widgets.lr_factor,
+            lr_min=widgets.lr_min,
+        )
         return QuantConfig(
             kind=kind,
             scaling=scaling,
@@ -123,6 +150,8 @@ def config_from_widgets(
             seed=widgets.seed,
             cpu_threads=cpu_threads,
             rules=rules,
+            learned=learned,
+            calibration=widgets.calibration,
         )
     except ConfigError as e:
         raise ConfigError(f"Quantize node: {e}") from None
@@ -137,11 +166,6 @@ def parse_layer_config_text(text: str) -> LayerConfig | None:
     except json.JSONDecodeError as e:
         raise ConfigError(f"layer_config: not valid JSON ({e})") from None
     return parse_layer_config(data, origin="(layer_config widget)")
-
-
-def learned_rounding_available() -> bool:
-    """Whether quant_core can run learned rounding (its options exist on ``QuantConfig``)."""
-    return "learned" in {f.name for f in dataclasses.fields(QuantConfig)}
 
 
 def describe_choices() -> Mapping[str, str]:

@@ -13,12 +13,14 @@ from typing import Any
 from comfy_api.latest import io
 
 from ..quant_core import Cancelled, QuantError, Source
+from ..quant_core.learned import OBJECTIVES, OPTIMIZERS, SCHEDULES
 from . import comfy_io, saving
 from .events import EVENT_DONE, EVENT_START, UI_KEY, start_payload, summary_payload
 from .options import (
     DEVICES,
     FORMATS,
     KEEP_DTYPES,
+    LEARNED_DEFAULTS,
     PACK_ONLY_MARK,
     PRESETS,
     ROUNDINGS,
@@ -26,12 +28,13 @@ from .options import (
     config_from_widgets,
     describe_choices,
 )
-from .result import ModelType, QuantizedFile, quantize_to_temp
+from .result import CalibrationStats, ModelType, QuantizedFile, quantize_to_temp
 from .sources import ModelFile, clip_source, model_source
 
 CATEGORY = "model/quantization"
 SourceType = io.Custom("QUANT_SOURCE")
 QuantizedType = io.Custom("QUANTIZED_MODEL")
+CalibrationType = io.Custom("QUANT_CALIBRATION")
 _FOLDER_TYPES = {
     "diffusion_models": ModelType.DIFFUSION_MODEL,
     "checkpoints": ModelType.CHECKPOINT,
@@ -109,6 +112,13 @@ class QuantizeModel(io.ComfyNode):
                     tooltip="Or a CLIP holding one T5 / LLM text encoder (CLIP-L/G are refused: "
                     "they load silently wrong when quantized).",
                 ),
+                CalibrationType.Input(
+                    "calibration",
+                    optional=True,
+                    tooltip="Input statistics from Calibrate for Learned Rounding: learned "
+                    "rounding minimises each layer's output error on them (and FP8 layers get a "
+                    "calibrated input_scale).",
+                ),
                 io.Combo.Input(
                     "preset",
                     options=list(PRESETS),
@@ -136,8 +146,9 @@ class QuantizeModel(io.ComfyNode):
                     options=list(ROUNDINGS),
                     default="nearest",
                     tooltip="nearest: round-to-nearest (fast). learned: optimise the rounding "
-                    "of each layer for its outputs.",
+                    "of each layer for its outputs (connect calibration, or objective svd).",
                 ),
+                *_learned_inputs(),
                 io.Int.Input(
                     "seed",
                     default=0,
@@ -199,6 +210,16 @@ class QuantizeModel(io.ComfyNode):
         source: ModelFile | None = None,
         model: Any = None,
         clip: Any = None,
+        calibration: CalibrationStats | None = None,
+        objective: str = LEARNED_DEFAULTS.objective,
+        optimizer: str = LEARNED_DEFAULTS.optimizer,
+        lr_schedule: str = LEARNED_DEFAULTS.schedule,
+        lr: float = LEARNED_DEFAULTS.lr,
+        iterations: int = LEARNED_DEFAULTS.num_iter,
+        lr_gamma: float = LEARNED_DEFAULTS.lr_gamma,
+        lr_patience: int = LEARNED_DEFAULTS.lr_patience,
+        lr_factor: float = LEARNED_DEFAULTS.lr_factor,
+        lr_min: float = LEARNED_DEFAULTS.lr_min,
     ) -> io.NodeOutput:
         node_id = str(cls.hidden.unique_id)
         inputs = {"source": source, "model": model, "clip": clip}
@@ -217,6 +238,16 @@ class QuantizeModel(io.ComfyNode):
             device=device,
             seed=seed,
             layer_config=layer_config,
+            objective=objective,
+            optimizer=optimizer,
+            lr_schedule=lr_schedule,
+            lr=lr,
+            iterations=iterations,
+            lr_gamma=lr_gamma,
+            lr_patience=lr_patience,
+            lr_factor=lr_factor,
+            lr_min=lr_min,
+            calibration=None if calibration is None else str(calibration.path),
         )
         try:
             config = config_from_widgets(
@@ -251,6 +282,39 @@ class QuantizeModel(io.ComfyNode):
         comfy_io.send(EVENT_DONE, summary)
         text = result.report.summary() + "\n\n" + result.report.table()
         return io.NodeOutput(result, rebuilt, text, ui={UI_KEY: [summary]})
+
+
+def _learned_inputs() -> list[io.Input]:
+    """Learned rounding's knobs (optional: an API prompt may leave them at the defaults)."""
+    d = LEARNED_DEFAULTS
+    only = " (learned rounding only)"
+    return [
+        io.Combo.Input("objective", options=list(OBJECTIVES), default=d.objective, optional=True,
+                       tooltip="output: each layer's output error on the calibration inputs. "
+                       "svd: a data-free proxy that rarely beats nearest" + only),
+        io.Combo.Input("optimizer", options=list(OPTIMIZERS), default=d.optimizer, optional=True,
+                       tooltip="original: coordinate descent on the codes; adamw/radam: a "
+                       "continuous value per weight, rounded" + only),
+        io.Combo.Input("lr_schedule", options=list(SCHEDULES), default=d.schedule,
+                       optional=True, tooltip="How the learning rate moves" + only),
+        io.Float.Input("lr", default=d.lr, min=1e-6, max=10.0, step=0.001, round=False,
+                       optional=True, tooltip="Learning rate: a fraction of a row for "
+                       "original, code steps for adamw/radam" + only),
+        io.Int.Input("iterations", default=d.num_iter, min=0, max=10_000, optional=True,
+                     tooltip="Refinement steps per layer (early stop ends sooner)" + only),
+        io.Float.Input("lr_gamma", default=d.lr_gamma, min=0.01, max=1.0, step=0.01,
+                       optional=True, advanced=True, tooltip="exponential: lr x gamma^step"
+                       + only),
+        io.Int.Input("lr_patience", default=d.lr_patience, min=0, max=1000, optional=True,
+                     advanced=True, tooltip="plateau: steps without improvement before the "
+                     "lr drops" + only),
+        io.Float.Input("lr_factor", default=d.lr_factor, min=0.01, max=1.0, step=0.01,
+                       optional=True, advanced=True, tooltip="plateau/adaptive: lr x factor "
+                       "after a step that did not improve" + only),
+        io.Float.Input("lr_min", default=d.lr_min, min=1e-8, max=1.0, step=1e-5, round=False,
+                       optional=True, advanced=True, tooltip="Lowest lr of the schedules"
+                       + only),
+    ]  # fmt: skip
 
 
 def _open_source(

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..quant_core import Progress, QuantConfig, Report, Source, quantize_model
+from ..quant_core.calibration import CalibrationRecorder
 
 
 class ModelType(str, enum.Enum):
@@ -26,16 +27,11 @@ class ModelType(str, enum.Enum):
     CHECKPOINT = "checkpoints"
 
 
-class QuantizedFile:
-    """A finished quantized safetensors file in a temp folder, deleted with this object."""
+class TempFile:
+    """A file in ComfyUI's temp folder owned by a node output; deleted with this object."""
 
-    def __init__(
-        self, path: Path, report: Report, *, model_type: ModelType, source_name: str
-    ) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.report = report
-        self.model_type = model_type
-        self.source_name = source_name
         self._finalizer = weakref.finalize(self, self.path.unlink, missing_ok=True)
 
     @property
@@ -43,11 +39,56 @@ class QuantizedFile:
         return self.path.stat().st_size
 
     def discard(self) -> None:
-        """Delete the temp file now (also happens when the object is garbage collected)."""
+        """Delete the file now (also happens when the object is garbage collected)."""
         self._finalizer()
+
+
+class QuantizedFile(TempFile):
+    """A finished quantized safetensors file and its report."""
+
+    def __init__(
+        self, path: Path, report: Report, *, model_type: ModelType, source_name: str
+    ) -> None:
+        super().__init__(path)
+        self.report = report
+        self.model_type = model_type
+        self.source_name = source_name
 
     def __repr__(self) -> str:  # shown by ComfyUI in error details
         return f"QuantizedFile({self.source_name!r} -> {self.path.name}, {self.model_type.value})"
+
+
+class CalibrationStats(TempFile):
+    """Per-layer input statistics (a ``CalibrationRecorder`` file) for learned rounding."""
+
+    def __init__(self, path: Path, *, layers: int) -> None:
+        super().__init__(path)
+        self.layers = layers
+
+    def __repr__(self) -> str:
+        return f"CalibrationStats({self.layers} layers, {self.path.name})"
+
+
+def record_calibration(
+    module: torch.nn.Module, run: Callable[[], object], temp_dir: Path, *, seed: int = 0
+) -> CalibrationStats:
+    """Record the inputs of every linear layer of ``module`` while ``run()`` runs it.
+
+    Keys are ``module``'s own weight names, so pass the module whose state dict matches the
+    file being quantized (a diffusion model's ``diffusion_model``). Raises ``InputError`` if
+    no linear layer ran; leaves no file behind on any error.
+    """
+    temp_dir = Path(temp_dir)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    dest = temp_dir / f"calibration_{secrets.token_hex(8)}.safetensors"
+    with CalibrationRecorder(module, seed=seed) as recorder:
+        run()
+    try:
+        recorder.save(dest)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return CalibrationStats(dest, layers=len(recorder.keys()))
 
 
 def quantize_to_temp(

@@ -109,7 +109,9 @@ def test_object_info_lists_the_nodes_with_their_widgets(server: ComfyServer) -> 
     formats = widgets["format"][1]["options"]
     assert formats[:3] == ["fp8 tensor", "int8 row", "int8 tensor"]  # stock-loadable first
     assert all(f.endswith("[needs pack]") for f in formats[3:])
-    assert set(quant["input"]["optional"]) == {"source", "model", "clip"}
+    assert set(quant["input"]["optional"]) == {
+        "source", "model", "clip", "calibration", "objective", "optimizer", "lr_schedule", "lr",
+        "iterations", "lr_gamma", "lr_patience", "lr_factor", "lr_min"}  # fmt: skip
     assert quant["output"] == ["QUANTIZED_MODEL", "MODEL", "STRING"]
     assert save["output_node"] is True
     assert save["input"]["required"]["destination"][1]["options"] == [
@@ -402,3 +404,31 @@ def test_a_pack_only_format_is_saved_and_says_so(
     # With the pack installed its runtime registers the block layouts, so ComfyUI rebuilds
     # the MODEL output too (without it the node would add a "no MODEL output" note).
     assert not [n for n in summary["notes"] if n.startswith("no MODEL output")], summary["notes"]
+
+
+def test_calibrate_then_learned_rounding_in_the_graph(
+    server: ComfyServer, models: dict[str, Path], quantized_run: dict[str, Any]
+) -> None:
+    """Calibrate (2 Euler steps of the bf16 model) -> Quantize(learned, int8 row) -> sample."""
+    graph = sampler(["1", 0], "unused_calibration", ("2", "3", "4", "5"))
+    del graph["4"], graph["5"]  # keep the conditioning and latent nodes only
+    graph["1"] = unet_loader(models["tiny"].name)
+    graph["6"] = {"class_type": "QuantizerCalibrate",
+                  "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0],
+                             "latent_image": ["3", 0], "seed": 0, "steps": 2, "cfg": 1.0,
+                             "sampler_name": "euler", "scheduler": "simple"}}  # fmt: skip
+    graph["7"] = load_node(models["tiny"].name)
+    graph["8"] = quantize_node(["7", 0], "int8 row", rounding="learned", calibration=["6", 0])
+    graph["9"] = save_node(["8", 0], "learned/flux_int8row")
+    graph.update(sampler(["8", 1], "learned_int8row", ("10", "11", "12", "13")))
+    result = server.run(graph)
+    assert result.status == "success", (result.events[-1:], server.log[-3000:])
+    summary = result.outputs("8")["comfyui_quantizer"][0]
+    assert any(n.startswith("learned rounding:") for n in summary["notes"]), summary["notes"]
+    assert any(n.startswith("calibration ") for n in summary["notes"]), summary["notes"]
+    assert all(isinstance(r["output_sqnr_db"], float) for r in summary["rows"]), summary["rows"]
+    ref = read_latent(server, "bf16")
+    rel = rel_error(read_latent(server, "learned_int8row"), ref)
+    nearest = rel_error(quantized_run["reloaded"]["int8 row"], ref)
+    print(f"int8 row vs bf16: learned {rel:.4f}, nearest {nearest:.4f}; {summary['notes']}")
+    assert 0 < rel < BOUNDS["int8 row"]

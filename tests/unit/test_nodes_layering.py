@@ -1,5 +1,6 @@
 """The nodes' layering: logic modules never import ComfyUI, and quant_core is used through its
-package API (plus the two tables the CLI also reads: dtype names and the preset list)."""
+package API (plus what the CLI also reads: dtype names, presets, learned-rounding choices and
+the calibration recorder)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 NODES = Path(__file__).resolve().parents[2] / "nodes"
 COMFYUI = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server"}
 # Only these modules talk to ComfyUI; the others are tested in CI without it.
-COMFYUI_FACING = {"comfy_io.py", "quantizer_nodes.py", "extension.py"}
+COMFYUI_FACING = {"comfy_io.py", "quantizer_nodes.py", "calibrate_node.py", "extension.py"}
 LOGIC = {"options.py", "saving.py", "sources.py", "result.py", "events.py"}
 # (comfy_runtime.py, layouts.py, layout_math.py belong to the runtime: its own rules.)
 MINE = COMFYUI_FACING | LOGIC
-QUANT_CORE_MODULES = {"", "dtypes", "presets"}  # ``from ..quant_core[.x] import ...``
+# ``from ..quant_core[.x] import ...``: the package, and the tables/recorder the CLI also uses.
+QUANT_CORE_MODULES = {"", "dtypes", "presets", "learned", "calibration"}
 
 
 def imports(path: Path) -> tuple[set[str], set[str]]:

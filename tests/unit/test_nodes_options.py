@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +13,8 @@ from comfyui_quantizer.nodes.options import (
     PRESETS,
     QuantizeWidgets,
     config_from_widgets,
-    learned_rounding_available,
 )
-from comfyui_quantizer.quant_core import ConfigError, Format, Kind, Scaling
+from comfyui_quantizer.quant_core import ConfigError, Format, Kind, LearnedOptions, Scaling
 from comfyui_quantizer.quant_core.presets import SELECTABLE
 
 
@@ -94,12 +94,60 @@ def test_bad_widget_values_raise_config_error_naming_the_widget(
         config_from_widgets(widgets, from_graph_object=False, compute_device="cpu")
 
 
-@pytest.mark.skipif(learned_rounding_available(), reason="learned rounding is available")
-def test_learned_rounding_is_refused_until_quant_core_has_it() -> None:
-    with pytest.raises(ConfigError, match="learned rounding is not available"):
+def test_learned_widgets_become_learned_options_and_calibration(tmp_path: Path) -> None:
+    widgets = QuantizeWidgets(
+        rounding="learned", objective="output", optimizer="adamw", lr_schedule="plateau",
+        lr=0.05, iterations=7, lr_gamma=0.9, lr_patience=3, lr_factor=0.25, lr_min=1e-3,
+        calibration=str(tmp_path / "calibration.safetensors"),
+    )  # fmt: skip
+    config = config_from_widgets(widgets, from_graph_object=False, compute_device="cpu")
+    learned = config.learned
+    assert config.rounding == "learned"
+    assert (learned.objective, learned.optimizer, learned.schedule) == (
+        "output",
+        "adamw",
+        "plateau",
+    )
+    assert (learned.lr, learned.num_iter, learned.lr_gamma) == (0.05, 7, 0.9)
+    assert (learned.lr_patience, learned.lr_factor, learned.lr_min) == (3, 0.25, 1e-3)
+    assert config.calibration == str(tmp_path / "calibration.safetensors")
+    # Knobs without a widget keep quant_core's defaults.
+    assert learned.error_feedback == LearnedOptions().error_feedback
+    assert learned.early_stop == LearnedOptions().early_stop
+
+
+def test_defaults_are_quant_cores_measured_defaults() -> None:
+    config = config_from_widgets(QuantizeWidgets(), from_graph_object=False, compute_device="cpu")
+    assert config.learned == LearnedOptions()
+    assert config.rounding == "nearest" and config.calibration is None
+
+
+def test_learned_output_objective_without_calibration_says_what_to_connect() -> None:
+    with pytest.raises(ConfigError, match="connect a 'Calibrate for Learned Rounding' node"):
         config_from_widgets(
             QuantizeWidgets(rounding="learned"), from_graph_object=False, compute_device="cpu"
         )
+    svd = config_from_widgets(
+        QuantizeWidgets(rounding="learned", objective="svd"),
+        from_graph_object=False,
+        compute_device="cpu",
+    )
+    assert svd.learned.objective == "svd" and svd.calibration is None
+
+
+@pytest.mark.parametrize(
+    ("widgets", "message"),
+    [
+        (QuantizeWidgets(optimizer="sgd"), "optimizer"),
+        (QuantizeWidgets(lr_schedule="cosine"), "schedule"),
+        (QuantizeWidgets(lr=0.0), "lr"),
+        (QuantizeWidgets(lr_factor=2.0), "lr_factor"),
+        (QuantizeWidgets(iterations=-1), "num_iter"),
+    ],
+)
+def test_bad_learned_widgets_are_config_errors(widgets: QuantizeWidgets, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_widgets(widgets, from_graph_object=False, compute_device="cpu")
 
 
 def test_preset_auto_comes_first_and_every_preset_is_offered() -> None:
