@@ -322,6 +322,8 @@ def read_latent(server: ComfyServer, prefix: str) -> Any:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run our CLI in this test interpreter's environment."""
+    # As a user runs it: without the suite's TRITON_INTERPRET=1 (see ComfyServer.__enter__).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, "-m", "comfyui_quantizer", *args], capture_output=True, text=True
+        [sys.executable, "-m", "comfyui_quantizer", *args], capture_output=True, text=True, env=env
     )
