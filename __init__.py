@@ -4,6 +4,13 @@ ComfyUI imports this folder as a custom node pack; pip installs it as ``comfyui_
 Importing it is cheap and needs no ComfyUI: nodes are only built when ComfyUI asks for them.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .nodes.extension import QuantizerExtension
+
 __version__ = "0.1.0"
 
 WEB_DIRECTORY = "./web"
@@ -23,3 +30,10 @@ def _register_pack_formats() -> None:
 
 _register_pack_formats()
 # --- end pack-only formats -----------------------------------------------------------------------
+
+
+async def comfy_entrypoint() -> QuantizerExtension:
+    """ComfyUI's V3 entry point; the node modules (and ComfyUI's API) are imported only here."""
+    from .nodes.extension import QuantizerExtension
+
+    return QuantizerExtension()

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 MODEL_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "clip", "vae", "loras")
 
-# A test-only node: Flux conditioning without a text encoder (random context + pooled vector).
+# Test-only nodes: Flux conditioning without a text encoder (random context + pooled vector),
+# and a CONDITIONING written to the output folder (to compare text encoders).
 TEST_NODES = """
 import torch
 
@@ -46,7 +48,28 @@ class CQTestConditioning:
         pooled = torch.randn(1, pooled_dim, generator=g)
         return ([[context, {"pooled_output": pooled, "guidance": 3.5}]],)
 
-NODE_CLASS_MAPPINGS = {"CQTestConditioning": CQTestConditioning}
+class CQTestSaveConditioning:
+    # Writes a CONDITIONING's first tensor to <output>/<filename>.safetensors.
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "filename": ("STRING", {})}}
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, conditioning, filename):
+        import os
+        import folder_paths
+        from safetensors.torch import save_file
+        path = os.path.join(folder_paths.get_output_directory(), filename + ".safetensors")
+        save_file({"cond": conditioning[0][0].float().contiguous()}, path)
+        return {}
+
+NODE_CLASS_MAPPINGS = {
+    "CQTestConditioning": CQTestConditioning,
+    "CQTestSaveConditioning": CQTestSaveConditioning,
+}
 """
 
 
@@ -62,12 +85,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_tiny_flux(out: Path, *, seed: int = 0) -> Path:
+def make_t5_base(out: Path, *, seed: int = 0) -> Path:
+    """Write a random T5-base text encoder with ComfyUI's own class (see make_t5_base.py)."""
+    env = comfy_env()
+    assert env is not None
+    subprocess.run(
+        [str(env[1]), str(HERE / "make_t5_base.py"), str(out), "--seed", str(seed)],
+        check=True, capture_output=True, env={**os.environ, "COMFYUI_DIR": str(env[0])},
+    )  # fmt: skip
+    return out
+
+
+def make_tiny_flux(out: Path, *, seed: int = 0, hidden: int = 128) -> Path:
     """Write a tiny random Flux with ComfyUI's own model class (see make_tiny_flux.py)."""
     env = comfy_env()
     assert env is not None
     subprocess.run(
-        [str(env[1]), str(HERE / "make_tiny_flux.py"), str(out), "--seed", str(seed)],
+        [str(env[1]), str(HERE / "make_tiny_flux.py"), str(out), "--seed", str(seed),
+         "--hidden", str(hidden)],
         check=True, capture_output=True, env={**os.environ, "COMFYUI_DIR": str(env[0])},
     )  # fmt: skip
     return out
@@ -126,7 +161,12 @@ class ComfyServer:
         ]  # fmt: skip
         started = time.monotonic()
         log = open(self.root / "server.log", "wb")
-        self._proc = subprocess.Popen(cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT)
+        # The server runs as a user's would: not with the test suite's Triton CPU interpreter
+        # (tests/conftest.py sets TRITON_INTERPRET=1 for the kernel tests, and it is inherited).
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        self._proc = subprocess.Popen(
+            cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         deadline = started + 90
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -166,8 +206,17 @@ class ComfyServer:
             body = r.read()
             return json.loads(body) if body else None
 
-    def run(self, graph: dict[str, Any], *, timeout: float = 300) -> RunResult:
-        """Queue ``graph`` (API format) and collect websocket events until it ends."""
+    def run(
+        self,
+        graph: dict[str, Any],
+        *,
+        timeout: float = 300,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> RunResult:
+        """Queue ``graph`` (API format) and collect websocket events until it ends.
+
+        ``on_event`` sees each event as it arrives (e.g. to press Cancel mid-run).
+        """
         import websocket  # websocket-client (dev extra)
 
         client_id = uuid.uuid4().hex
@@ -191,13 +240,21 @@ class ComfyServer:
                 if data.get("prompt_id") not in (None, prompt_id):
                     continue
                 events.append(msg)
+                if on_event is not None:
+                    on_event(msg)
                 if msg["type"] in ("execution_success", "execution_error", "execution_interrupted"):
                     break
             else:
                 raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
         finally:
             ws.close()
-        history = self.get(f"/history/{prompt_id}").get(prompt_id, {})
+        # ComfyUI sends execution_success before its worker files the history entry: wait.
+        history: dict[str, Any] = {}
+        deadline = time.monotonic() + 30
+        while not history and time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}").get(prompt_id, {})
+            if not history:
+                time.sleep(0.05)
         return RunResult(prompt_id=prompt_id, events=events, history=history)
 
 
@@ -265,6 +322,8 @@ def read_latent(server: ComfyServer, prefix: str) -> Any:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run our CLI in this test interpreter's environment."""
+    # As a user runs it: without the suite's TRITON_INTERPRET=1 (see ComfyServer.__enter__).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, "-m", "comfyui_quantizer", *args], capture_output=True, text=True
+        [sys.executable, "-m", "comfyui_quantizer", *args], capture_output=True, text=True, env=env
     )
