@@ -103,13 +103,9 @@ def quantize_to_temp(
     """Run ``quantize_model`` into a new file under ``temp_dir``.
 
     On any error or a cancel the ``quant_core`` error propagates and no file is left behind.
-    ComfyUI runs nodes under ``torch.inference_mode()``, which is thread-local: quant_core's CPU
-    worker threads would then fill tensors created as inference tensors outside that mode, which
-    torch refuses. The conversion needs no autograd either way, so it runs outside the mode.
     """
     temp_dir = Path(temp_dir)
     temp_dir.mkdir(parents=True, exist_ok=True)
     dest = temp_dir / f"quantized_{secrets.token_hex(8)}.safetensors"
-    with torch.inference_mode(False):
-        report = quantize_model(source, config, dest, progress=progress, cancel=cancel)
+    report = quantize_model(source, config, dest, progress=progress, cancel=cancel)
     return QuantizedFile(dest, report, model_type=model_type, source_name=source.name)

@@ -344,8 +344,16 @@ def _map_chunks(fn: Callable[[slice], T], chunks: Iterable[slice], workers: int)
     if workers <= 1 or len(chunks) <= 1:
         return [fn(rs) for rs in chunks]
     n = min(workers, len(chunks))
+    # Inference mode is thread-local: carry the caller's into the workers (ComfyUI runs nodes
+    # under it, and tensors created there may only be updated in place under it).
+    inference = torch.is_inference_mode_enabled()
+
+    def lane(k: int) -> list[T]:
+        with torch.inference_mode(inference):
+            return [fn(rs) for rs in chunks[k::n]]
+
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="quantize") as pool:
-        lanes = list(pool.map(lambda k: [fn(rs) for rs in chunks[k::n]], range(n)))
+        lanes = list(pool.map(lane, range(n)))
     out: list[T] = [None] * len(chunks)  # type: ignore[list-item]
     for k, lane in enumerate(lanes):
         out[k::n] = lane
