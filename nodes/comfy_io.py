@@ -98,7 +98,7 @@ class ProgressReporter:
     def __call__(self, progress: Progress) -> None:
         if self._bar is None:
             self._bar = comfy.utils.ProgressBar(progress.total, node_id=self._node_id)
-        self._bar.update_absolute(progress.done, progress.total)
+        self._bar.update_absolute(progress.position, progress.total)
         send(EVENT_LAYER, layer_payload(self._node_id, progress))
 
 

@@ -42,6 +42,7 @@ def layer_payload(node: str, progress: Progress) -> dict[str, object]:
     return {
         "node": node,
         "done": progress.done,
+        "position": progress.position,
         "total": progress.total,
         "current": progress.current,
         "row": row,

@@ -30,6 +30,7 @@ Shapes: a leading batch dimension ``L`` lets layers of one shape share every lau
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -85,6 +86,7 @@ def error_feedback(
     damp: float = 0.01,
     block: int = 128,
     backend: str = dispatch.AUTO,
+    hook: Callable[[float], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ rounding in act order: ``w [L, out, in]`` -> ``(codes, pre)``, both ``[L, out, in]``.
 
@@ -92,6 +94,7 @@ def error_feedback(
     value each column had just before it was rounded (``codes == round_to_grid(pre)``), the
     natural starting point of a continuous optimiser. ``scale`` broadcasts to ``w``.
     ``backend`` (``auto``, ``triton``, ``torch``) picks the in-block loop, see :mod:`.dispatch`.
+    ``hook(fraction)`` is called after each block (progress; it may raise to cancel).
     """
     use_triton = dispatch.choose_error_feedback(w.device, backend).backend == "triton"
     w = w.float()
@@ -104,13 +107,19 @@ def error_feedback(
     hp = torch.gather(torch.gather(h, -1, order[:, None, :].expand_as(h)), -2,
                       order[:, :, None].expand_as(h))  # fmt: skip
     ubar = feedback_matrix(hp, damp)
-    codes, pre = _blocked(wp, sp, ubar, kind, block, use_triton)
+    codes, pre = _blocked(wp, sp, ubar, kind, block, use_triton, hook)
     back = inverse[:, None, :].expand_as(w)
     return torch.gather(codes, -1, back), torch.gather(pre, -1, back)
 
 
 def _blocked(
-    w: torch.Tensor, s: torch.Tensor, ubar: torch.Tensor, kind: Kind, block: int, use_triton: bool
+    w: torch.Tensor,
+    s: torch.Tensor,
+    ubar: torch.Tensor,
+    kind: Kind,
+    block: int,
+    use_triton: bool,
+    hook: Callable[[float], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocked feedback in the given column order (``w`` is left unchanged)."""
     n = w.shape[-1]
@@ -131,6 +140,8 @@ def _blocked(
         if b1 < n:
             # the one big product of each block: feed its errors to every later column
             target[..., b1:] += err @ ubar[:, b0:b1, b1:]
+        if hook is not None:
+            hook(b1 / n)
     return codes, pre
 
 

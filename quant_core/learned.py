@@ -35,7 +35,7 @@ the steps in between are no-ops, so results do not depend on ``check_every``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -268,14 +268,16 @@ def learn_codes(
     options: LearnedOptions,
     *,
     start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    hook: Callable[[float], None] | None = None,
 ) -> SearchResult:
     """Search codes for ``w [L, out, in]`` with ``scale`` (broadcastable) under ``objective``.
 
     ``start`` is ``(codes, pre)`` from error feedback; without it the search starts at
-    round-to-nearest (``pre = w / scale``). Runs under ``torch.no_grad``.
+    round-to-nearest (``pre = w / scale``). ``hook(fraction)`` is called at each host check
+    (progress; it may raise to cancel). Runs under ``torch.no_grad``.
     """
     with torch.no_grad():
-        return _Search(w.float(), scale.float(), kind, objective, options, start).run()
+        return _Search(w.float(), scale.float(), kind, objective, options, start).run(hook)
 
 
 class _Search:
@@ -325,13 +327,15 @@ class _Search:
         g = self.obj.gradient(e)
         return g, self.obj.group_loss(e, g)
 
-    def run(self) -> SearchResult:
+    def run(self, hook: Callable[[float], None] | None = None) -> SearchResult:
         opt = self.opt
         reason = "num_iter reached"
         for t in range(opt.num_iter):
             self._step(t)
             # the only host sync: every check_every steps
             checkpoint = (t + 1) % opt.check_every == 0 or t + 1 == opt.num_iter
+            if checkpoint and hook is not None:
+                hook((t + 1) / opt.num_iter)
             if checkpoint and not bool(self.active):
                 reason = f"no improvement in {opt.early_stop} steps"
                 break

@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a conversion stands; ``layer`` is the report of the entry that just finished."""
+    """Where a conversion stands.
+
+    After each entry: ``done`` entries finished and ``layer`` is the report of the one that just
+    did. Inside a long entry (learned rounding): ``layer`` is ``None``, ``current`` is the entry
+    being worked on and ``fraction`` how much of it is done.
+    """
 
     done: int
     total: int
@@ -41,6 +46,12 @@ class Progress:
     bytes_total: int
     current: str
     layer: LayerReport | None = None
+    fraction: float = 1.0
+
+    @property
+    def position(self) -> float:
+        """Entries done, counting the current one's finished fraction (for progress bars)."""
+        return float(self.done) if self.layer is not None else self.done + self.fraction
 
 
 ProgressFn = Callable[[Progress], None]
@@ -93,8 +104,21 @@ def quantize_model(
             if cancel is not None and cancel():
                 raise Cancelled(f"{source.name}: cancelled; no output written")
             t0 = time.perf_counter()
+
+            def within(
+                fraction: float, i: int = i, entry: PlanEntry = entry, done_bytes: int = bytes_done
+            ) -> None:
+                """Progress and cancel inside a long entry (learned rounding)."""
+                if cancel is not None and cancel():
+                    raise Cancelled(f"{source.name}: cancelled; no output written")
+                if progress is not None:
+                    progress(Progress(i, len(plan.entries), done_bytes, plan.bytes_before,
+                                      entry.layer, None, fraction))  # fmt: skip
+
             try:
-                outputs = _run_entry(entry, inputs.next(), config, device, layer_report, learned)
+                outputs = _run_entry(
+                    entry, inputs.next(), config, device, layer_report, learned, within
+                )
             except formats.NonFiniteWeightError:
                 raise InputError(
                     f"{at(source.name, entry.layer)}: weight contains NaN or Inf"
@@ -245,6 +269,7 @@ def _run_entry(
     device: torch.device,
     rep: LayerReport,
     learned: _LearnedContext | None = None,
+    within: Callable[[float], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The output tensors of one plan entry (updates ``rep`` with what it measured)."""
     if entry.action is Action.DROP:
@@ -259,7 +284,7 @@ def _run_entry(
         return _upgrade_legacy(entry, inputs)
     # --- learned rounding (issue 4) ---
     if learned is not None and (entry.rounding == "learned" or entry.calibration is not None):
-        return learned.quantize(entry, inputs, rep)
+        return learned.quantize(entry, inputs, rep, within)
     # --- end learned rounding ---
     workers = config.cpu_threads if device.type == "cpu" and config.cpu_threads else 1
     return _quantize_entry(entry, inputs, device, rep, workers=workers)
@@ -324,7 +349,11 @@ class _LearnedContext:
             self.fallbacks.append(message)
 
     def quantize(
-        self, entry: PlanEntry, inputs: dict[str, torch.Tensor], rep: LayerReport
+        self,
+        entry: PlanEntry,
+        inputs: dict[str, torch.Tensor],
+        rep: LayerReport,
+        within: Callable[[float], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         fmt = entry.fmt
         assert fmt is not None and entry.settings is not None
@@ -350,6 +379,7 @@ class _LearnedContext:
                 bias=bias,
                 options=self.config.learned,
                 seed=self.config.seed,
+                hook=within,
             )
         if "learned_skipped" in result.extra:
             self._fallback(f"round-to-nearest where learned was asked: "

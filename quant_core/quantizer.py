@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,12 +69,14 @@ def quantize_layer(
     options: LearnedOptions | None = None,
     seed: int = 0,
     backend: str = "auto",
+    hook: Callable[[float], None] | None = None,
 ) -> LayerResult:
     """Quantize ``weight [out, in]`` (on its device) with ``rounding`` ``nearest``/``learned``.
 
     ``stats`` are the layer's calibration statistics, ``bias [out]`` its bias (corrected only
     when ``options.bias_correction`` and ``stats`` are given). ``backend`` picks the error
-    feedback kernel (:func:`.dispatch.choose_error_feedback`). Raises
+    feedback kernel (:func:`.dispatch.choose_error_feedback`). ``hook(fraction)`` reports progress
+    through a learned search (and may raise, e.g. to cancel). Raises
     :class:`~.formats.NonFiniteWeightError` for NaN/Inf weights.
     """
     options = options or LearnedOptions()
@@ -92,7 +95,7 @@ def quantize_layer(
         energies = _Energies(w, rtn_hat, held, centre)
         if rounding == "learned":
             t0 = time.perf_counter()
-            cand = _learned(w, scale, fmt, stats, correct, options, seed, backend, extra)
+            cand = _learned(w, scale, fmt, stats, correct, options, seed, backend, extra, hook)
             if cand is not None and _guard(w, cand, energies, stats, extra):
                 w_hat, codes = cand.w_hat, cand.codes
             extra["learned_time_s"] = time.perf_counter() - t0
@@ -144,6 +147,7 @@ def _learned(
     seed: int,
     backend: str,
     extra: dict[str, object],
+    hook: Callable[[float], None] | None = None,
 ) -> _Candidate | None:
     """Run the search; None (with the reason in ``extra``) when it cannot run."""
     s3 = scale_3d(scale, w.shape, fmt)
@@ -155,20 +159,20 @@ def _learned(
         fit = stats.fit
         h = (fit.covariance if correct else fit.second_moment)[None].float()
         # the search sees the damped matrix too: a small ridge toward weight error
-        objective = OutputObjective(
-            error_feedback.damped(h, float(__import__("os").environ.get("ODAMP", options.damp)))
-        )
+        objective = OutputObjective(error_feedback.damped(h, options.damp))
         start = None
         if options.error_feedback:
             choice = dispatch.choose_error_feedback(w.device, backend)
             extra["feedback_backend"] = choice.backend
             start = error_feedback.error_feedback(
-                w3, s3, h, fmt.kind, damp=options.damp, backend=choice.backend
-            )
+                w3, s3, h, fmt.kind, damp=options.damp, backend=choice.backend,
+                hook=_part(hook, 0.0, 0.5),
+            )  # fmt: skip
     else:
         objective = svd_objective(w3, options, seed)
         start = None
-    result = learn_codes(w3, s3, fmt.kind, objective, options, start=start)
+    search_hook = _part(hook, 0.5, 1.0) if start is not None else hook
+    result = learn_codes(w3, s3, fmt.kind, objective, options, start=start, hook=search_hook)
     extra.update(
         objective=options.objective,
         optimizer=options.optimizer,
@@ -183,6 +187,15 @@ def _learned(
     # the code dtype is exact, and dequantization is the same ``codes · scale`` as for RTN
     codes = result.codes[0].to(fmt.code_dtype)
     return _Candidate(formats.dequantize(codes, scale, fmt), codes)
+
+
+def _part(
+    hook: Callable[[float], None] | None, lo: float, hi: float
+) -> Callable[[float], None] | None:
+    """``hook`` for a sub-step that covers ``[lo, hi]`` of the layer's progress."""
+    if hook is None:
+        return None
+    return lambda fraction: hook(lo + (hi - lo) * fraction)
 
 
 def _guard(

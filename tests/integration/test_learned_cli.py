@@ -211,3 +211,31 @@ def test_layer_config_asks_for_learned_on_one_layer(model_and_calibration, tmp_p
             assert any("round-to-nearest where learned was asked" in n
                        for n in json.loads(report.read_text())["notes"])  # fmt: skip
         assert "kept" not in layers["blocks.0.mlp.fc1"]["extra"]
+
+
+def test_learned_layers_report_progress_inside_and_cancel_there(
+    model_and_calibration, tmp_path: Path
+) -> None:
+    from comfyui_quantizer.quant_core import Cancelled, quantize_model
+
+    model, cal, _ = model_and_calibration
+    config = QuantConfig(kind="int8", scaling="row", rounding="learned", calibration=str(cal))
+    events = []
+    with SafetensorsSource(model) as src:
+        quantize_model(src, config, tmp_path / "ok.safetensors", progress=events.append)
+    inside = [e for e in events if e.layer is None]
+    # every learned layer reports from inside (error feedback blocks, search checkpoints)
+    assert {e.current for e in inside} == set(LINEARS)
+    assert all(0.0 < e.fraction <= 1.0 for e in inside)
+    positions = [e.position for e in events]
+    assert positions == sorted(positions) and positions[-1] == events[-1].total
+
+    # Cancel asked from inside the first learned layer stops there: no entry finishes after it.
+    seen = []
+    with SafetensorsSource(model) as src, pytest.raises(Cancelled):
+        quantize_model(src, config, tmp_path / "cancelled.safetensors", progress=seen.append,
+                       cancel=lambda: any(e.layer is None for e in seen))  # fmt: skip
+    first_inside = next(i for i, e in enumerate(seen) if e.layer is None)
+    assert all(e.layer is None for e in seen[first_inside:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.safetensors", "model.safetensors",
+                                                          "ok.safetensors"]  # fmt: skip
