@@ -8,6 +8,7 @@ cancel. Only one entry's tensors are alive at a time.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import logging
 import time
@@ -93,6 +94,7 @@ def quantize_model(
     learned = _LearnedContext.open(config, device, plan)
     # --- end learned rounding ---
     with (
+        _no_gc(),
         _cpu_threads(config.cpu_threads),
         StreamingWriter(
             output, plan.outputs, plan.metadata, overwrite=overwrite, input_path=source.path
@@ -237,6 +239,19 @@ class _BackgroundWriter:
 def _aligned(n: int) -> int:
     """Round up to 64 bytes so that every tensor view in a slot is well aligned."""
     return (n + 63) // 64 * 64
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: every chunk creates short-lived tensors that
+    trigger collections (3 % of a CPU conversion), and the pipeline makes no cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager
