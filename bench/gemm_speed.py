@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import itertools
 import json
 import multiprocessing
 import os
@@ -37,6 +36,8 @@ from pathlib import Path
 import torch
 import triton
 import triton.testing
+from gpu_timing import DEV, bench_graph, bench_stream, randn, rel, same_bits
+from gpu_timing import bench as _bench
 
 from comfyui_quantizer.kernels import block_gemm
 from comfyui_quantizer.kernels import quantize as kquant
@@ -99,7 +100,10 @@ RESULTS: dict[str, list[dict[str, object]]] = {
     "skipped": [],
 }
 T0 = time.perf_counter()
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _do_bench(fn: Callable[..., object], sets: Sequence[tuple]) -> float:
+    return _bench(fn, sets, warmup=10, rep=50)
 
 
 def log(msg: str) -> None:
@@ -135,64 +139,6 @@ def timing(name: str, ms: float, **info: object) -> None:
 def sync() -> None:
     if DEV.type == "cuda":
         torch.cuda.synchronize()
-
-
-def randn(*shape: int, dtype: torch.dtype = torch.bfloat16, std: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, device=DEV) * std).to(dtype)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.double(), b.double()
-    return float((a64 - b64).norm() / b64.norm())
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    a, b = a.reshape(-1).contiguous(), b.reshape(-1).contiguous()
-    return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
-
-
-def do_bench(fn: Callable[..., object], sets: Sequence[tuple]) -> float:
-    """Median ms of ``fn(*sets[i])``, i rotating; do_bench flushes L2 before each call."""
-    counter = itertools.count()
-
-    def call() -> None:
-        fn(*sets[next(counter) % len(sets)])
-
-    return float(triton.testing.do_bench(call, warmup=10, rep=50, return_mode="median"))
-
-
-def bench_stream(fn: Callable[..., object], sets: Sequence[tuple], n: int = 12) -> float:
-    """Median ms per call of ``n`` back-to-back calls (inputs rotated), launch gaps included:
-    what a model sees when the host runs ahead of the GPU."""
-    for i in range(3):
-        fn(*sets[i % len(sets)])
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(n):
-            fn(*sets[i % len(sets)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / n)
-    return sorted(times)[len(times) // 2]
-
-
-def bench_graph(fn: Callable[..., object], sets: Sequence[tuple], n: int = 12) -> float:
-    """Median ms per call of CUDA-graph replays (device time without host overhead)."""
-    for st in sets:
-        fn(*st)
-    torch.cuda.synchronize()
-    graphs = []
-    for st in sets:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(*st)
-        graphs.append(graph)
-    return bench_stream(lambda g: g.replay(), [(g,) for g in graphs], n)
 
 
 def host_us(fn: Callable[[], object], n: int = 200) -> float:
@@ -409,14 +355,14 @@ def check_scaled_mm_rows() -> None:
 def time_activations() -> None:
     for k in ACT_KS:
         sets = [(randn(M, k), randn(M, k)) for _ in range(3)]
-        copy_ms = do_bench(lambda src, dst: dst.copy_(src), sets)
+        copy_ms = _do_bench(lambda src, dst: dst.copy_(src), sets)
         copy_bw = 2 * M * k * 2 / copy_ms / 1e9
         timing(f"copy bf16 [{M},{k}]", copy_ms, tbps=round(copy_bw, 3))
         moved = M * k * 3 + M * (k // B) * 4
         for kind in (Kind.INT8, Kind.FP8):
             fp8 = kind is Kind.FP8
             for name, cfg in ACT_CONFIGS.items():
-                ms = do_bench(
+                ms = _do_bench(
                     lambda x, _, cfg=cfg, fp8=fp8: kquant.quantize_activations(
                         x, fp8=fp8, block_size=B, config=cfg
                     ),

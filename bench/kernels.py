@@ -16,25 +16,24 @@ Writes ``$OUT/kernels.json`` and prints a table with the card's name last.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import triton
 import triton.testing
+from gpu_timing import DEV, bench, bench_graph, bench_stream, randn, rel, same_bits
 
 from comfyui_quantizer.kernels import block_gemm
 from comfyui_quantizer.kernels import quantize as kquant
 from comfyui_quantizer.quant_core import dispatch, formats, matmul
 from comfyui_quantizer.quant_core.formats import Format, Kind, Scaling
 
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 B = 128
 FORMATS = [
     Format(Kind.FP8, Scaling.TENSOR),
@@ -97,68 +96,6 @@ def check(name: str, ok: bool, **info: object) -> None:
 def timing(name: str, ms: float, **info: object) -> None:
     RESULTS["timings"].append({"name": name, "ms": ms, **info})
     log(f"time {name}: {ms * 1e3:.1f} us {info}")
-
-
-def bench(fn: Callable[..., object], sets: Sequence[tuple]) -> float:
-    """Median ms of ``fn(*sets[i])`` with i rotating; do_bench also flushes L2 between runs."""
-    counter = itertools.count()
-
-    def call() -> None:
-        fn(*sets[next(counter) % len(sets)])
-
-    return float(triton.testing.do_bench(call, warmup=25, rep=150, return_mode="median"))
-
-
-def bench_stream(fn: Callable[..., object], sets: Sequence[tuple], n: int = 12) -> float:
-    """Median ms per call of back-to-back calls (events around ``n`` calls, inputs rotated):
-    the throughput a model sees when the host runs ahead of the GPU, launch gaps included."""
-    for i in range(3):
-        fn(*sets[i % len(sets)])
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(n):
-            fn(*sets[i % len(sets)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / n)
-    return sorted(times)[len(times) // 2]
-
-
-def bench_graph(fn: Callable[..., object], sets: Sequence[tuple], n: int = 12) -> float:
-    """Median ms per call of CUDA-graph replays (one graph per input set, rotated): device
-    time without the host's launch overhead, as a graph-captured runtime would see it."""
-    for st in sets:
-        fn(*st)
-    torch.cuda.synchronize()
-    graphs = []
-    for st in sets:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(*st)
-        graphs.append(graph)
-    return bench_stream(lambda g: g.replay(), [(g,) for g in graphs], n)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    a, b = a.reshape(-1).contiguous(), b.reshape(-1).contiguous()
-    return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
-
-
-def randn(*shape: int, dtype: torch.dtype = torch.bfloat16, std: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, device=DEV) * std).to(dtype)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.double(), b.double()
-    return float((a64 - b64).norm() / b64.norm())
-
-
-# ------------------------------------------------------------------------------ correctness
 
 
 def check_quantize() -> None:
