@@ -135,6 +135,54 @@ def _choose(
     return Choice(backend, reasons)
 
 
+@functools.cache
+def _numba_problem() -> str | None:
+    """Why the CPU kernel (numba) cannot be used (None when it imports)."""
+    try:
+        importlib.import_module("numba")
+    except ImportError as exc:
+        return f"numba is not importable ({exc})"
+    except Exception as exc:  # a broken install must not break the pack
+        return f"import numba failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def choose_cpu_kernel(w: torch.Tensor, backend: str = AUTO) -> Choice:
+    """Backend for the CPU conversion's per-chunk math: ``numba`` (one fused pass) or ``torch``."""
+    problem = _numba_problem()
+    if problem is None and w.device.type != "cpu":
+        problem = f"tensor on {w.device.type} (the numba kernel runs on the CPU)"
+    return _choose("cpu quantize", w.device, {"numba": problem, "torch": None}, backend)
+
+
+def quantize_and_measure(
+    w: torch.Tensor, fmt: Format, *, workers: int = 1, backend: str = AUTO
+) -> tuple[torch.Tensor, torch.Tensor, formats.ErrorEnergy, str]:
+    """Round-to-nearest codes, scale and error energy of ``w`` — the conversion's hot path.
+
+    On CUDA: the quantize kernel, then the error measured on the device. On the CPU: the chunked
+    loop of ``formats.quantize_and_measure``, with its per-chunk math in one fused numba pass
+    when numba is installed (same codes). Returns the backend used as the last element.
+    """
+    if w.is_cuda:
+        choice = choose_quantize(w, fmt, backend)
+        codes, scale = quantize(w, fmt, backend=choice.backend)
+        return codes, scale, formats.error_energy(w, codes, scale, fmt), choice.backend
+    choice = choose_cpu_kernel(w, backend)
+    kernel = None
+    if choice.backend == "numba":
+        fused = _kernels("cpu_quantize").quantize_chunk
+        fp8 = fmt.kind is Kind.FP8
+
+        def kernel(x, grid, block_rows, block_cols, codes):  # type: ignore[no-untyped-def]
+            return fused(x, grid, block_rows, block_cols, codes, fp8=fp8)
+
+    codes, scale, energy = formats.quantize_and_measure(
+        w, fmt, workers=workers, chunk_kernel=kernel
+    )
+    return codes, scale, energy, choice.backend
+
+
 def choose_quantize(w: torch.Tensor, fmt: Format, backend: str = AUTO) -> Choice:
     """Backend for ``quantize(w, fmt)``."""
     problem = _triton_device_problem(w.device, fp8=fmt.kind is Kind.FP8)

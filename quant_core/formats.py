@@ -260,15 +260,26 @@ def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, fmt: Format) -> to
     return codes
 
 
+ChunkKernel = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor], tuple[float, float]]
+"""``kernel(x_f32 [r, c], scale_grid, block_rows, block_cols, codes_out [r, c]) -> (Σx², Σerr²)``:
+a faster implementation of this module's per-chunk math (same codes), see ``dispatch``."""
+
+
 def quantize_and_measure(
-    w: torch.Tensor, fmt: Format, scale: torch.Tensor | None = None, *, workers: int = 1
+    w: torch.Tensor,
+    fmt: Format,
+    scale: torch.Tensor | None = None,
+    *,
+    workers: int = 1,
+    chunk_kernel: ChunkKernel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ErrorEnergy]:
     """Round-to-nearest codes, scale and error energy of ``w`` ``[out, in]``.
 
     The conversion hot path. Rows are processed in cache-sized chunks, each read once: row and
     block scales are computed inside the chunk (only a tensor-wide scale needs a pass of its
     own), and the error comes from the grid values themselves. ``workers`` > 1 processes chunks
-    in that many threads (torch releases the GIL); results do not depend on it.
+    in that many threads (torch releases the GIL); results do not depend on it. A
+    ``chunk_kernel`` (from ``dispatch``) replaces the per-chunk PyTorch steps.
     """
     _check_2d(w)
     if scale is None and fmt.scaling is Scaling.TENSOR:
@@ -279,7 +290,9 @@ def quantize_and_measure(
             workers,
         )
         scale = scale_from_absmax(torch.stack(parts).amax(), fmt)
-    codes, scale, energy = _quantize_rows(w, fmt, scale, measure=True, workers=workers)
+    codes, scale, energy = _quantize_rows(
+        w, fmt, scale, measure=True, workers=workers, chunk_kernel=chunk_kernel
+    )
     assert energy is not None
     return codes, scale, energy
 
@@ -291,6 +304,7 @@ def _quantize_rows(
     *,
     measure: bool,
     workers: int = 1,
+    chunk_kernel: ChunkKernel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ErrorEnergy | None]:
     _check_2d(w)
     rows, cols = w.shape
@@ -309,6 +323,9 @@ def _quantize_rows(
             scale[rs.start // b : rs.start // b + math.ceil((rs.stop - rs.start) / b)] = (
                 scale_from_absmax(_chunk_absmax(y, fmt), fmt)
             )
+        if chunk_kernel is not None:
+            grid, block_rows, block_cols = _scale_grid(scale, rs, cols, fmt)
+            return chunk_kernel(y, grid, block_rows, block_cols, codes[rs])
         s = _scale_rows(scale, rs, (rows, cols), fmt)
         signal = error = 0.0
         if measure:
@@ -332,6 +349,20 @@ def _quantize_rows(
         return codes, scale, None
     # Summed in chunk order, so the result does not depend on the number of workers.
     return codes, scale, ErrorEnergy(math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts))
+
+
+def _scale_grid(
+    scale: torch.Tensor, rs: slice, cols: int, fmt: Format
+) -> tuple[torch.Tensor, int, int]:
+    """The scales of rows ``rs`` as a 2-D grid and the rows/columns each grid cell covers."""
+    n = rs.stop - rs.start
+    if fmt.scaling is Scaling.TENSOR:
+        return scale.reshape(1, 1), n, cols
+    if fmt.scaling is Scaling.ROW:
+        return scale[rs], 1, cols
+    b = fmt.block_size
+    assert b is not None
+    return scale[rs.start // b : math.ceil(rs.stop / b)], b, b
 
 
 def _map_chunks(fn: Callable[[slice], T], chunks: Iterable[slice], workers: int) -> list[T]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -155,39 +154,23 @@ def quantize_model(
 class _Prefetcher:
     """Reads the next entry's tensors in a background thread while the current one computes.
 
-    Reading releases the GIL, so I/O overlaps the math. Sources that accept a ``buffer`` read
-    into a ring of three reusable slots, so no fresh memory is faulted in per tensor. Entry
-    ``i``'s slot is refilled for entry ``i + 3``, whose read starts when entry ``i + 2`` is
-    handed out; by then entry ``i``'s outputs (which may be views of its inputs) were written,
-    because the background writer drains entry ``i`` when entry ``i + 1`` is submitted.
+    A source that offers ``map`` (a memory map; ``SafetensorsSource`` does) hands out its pages
+    without a copy, faulted in by this thread; otherwise ``read`` copies. Either way the I/O
+    releases the GIL and overlaps the math, and at most two entries' inputs are alive.
     """
 
     def __init__(self, source: Source, entries: tuple[PlanEntry, ...]) -> None:
-        self._source = source
+        self._fetch = getattr(source, "map", None) or source.read
         self._entries = iter(entries)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantizer-read")
         self._pending: Future[dict[str, torch.Tensor]] | None = None
-        self._buffered = "buffer" in inspect.signature(source.read).parameters
-        self._slots = [torch.empty(0, dtype=torch.uint8) for _ in range(3)]
-        self._turn = 0
 
-    def _read(self, entry: PlanEntry, slot: int) -> dict[str, torch.Tensor]:
-        if not self._buffered:
-            return {t.name: self._source.read(t.name) for t in entry.inputs}
-        need = sum(_aligned(t.nbytes) for t in entry.inputs)
-        if self._slots[slot].numel() < need:
-            self._slots[slot] = torch.empty(need, dtype=torch.uint8)
-        out, offset = {}, 0
-        for t in entry.inputs:
-            view = self._slots[slot][offset : offset + t.nbytes]
-            out[t.name] = self._source.read(t.name, buffer=view)  # type: ignore[call-arg]
-            offset += _aligned(t.nbytes)
-        return out
+    def _read(self, entry: PlanEntry) -> dict[str, torch.Tensor]:
+        return {t.name: self._fetch(t.name) for t in entry.inputs}
 
     def _submit(self) -> None:
         entry = next(self._entries, None)
-        self._turn = (self._turn + 1) % len(self._slots)
-        self._pending = None if entry is None else self._pool.submit(self._read, entry, self._turn)
+        self._pending = None if entry is None else self._pool.submit(self._read, entry)
 
     def __enter__(self) -> _Prefetcher:
         self._submit()
@@ -234,11 +217,6 @@ class _BackgroundWriter:
 
     def __exit__(self, *exc: object) -> None:
         self._pool.shutdown(wait=True)  # never leave a write running past the writer's abort
-
-
-def _aligned(n: int) -> int:
-    """Round up to 64 bytes so that every tensor view in a slot is well aligned."""
-    return (n + 63) // 64 * 64
 
 
 @contextlib.contextmanager
@@ -316,15 +294,9 @@ def _quantize_entry(
     fmt = entry.fmt
     assert fmt is not None and entry.settings is not None
     weight = inputs[entry.key].to(device)
-    # --- kernels (issue 5): on CUDA, RTN goes through the dispatcher (Triton if usable) ---
-    if weight.is_cuda:
-        rep.extra["quantize_backend"] = dispatch.choose_quantize(weight, fmt).backend
-        codes, scale = dispatch.quantize(weight, fmt)
-        rep.weight_sqnr_db = formats.error_energy(weight, codes, scale, fmt).sqnr_db
-        return comfy_quant.layer_tensors(entry.layer, codes, scale, entry.settings)
-    # --- end kernels ---
-    codes, scale, energy = formats.quantize_and_measure(weight, fmt, workers=workers)
+    codes, scale, energy, backend = dispatch.quantize_and_measure(weight, fmt, workers=workers)
     rep.weight_sqnr_db = energy.sqnr_db
+    rep.extra["quantize_backend"] = backend
     return comfy_quant.layer_tensors(entry.layer, codes, scale, entry.settings)
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +70,8 @@ class Source(Protocol):
     def read(self, key: str) -> torch.Tensor:
         """One tensor, on the CPU, in its stored dtype.
 
-        A source may also accept ``read(key, buffer=uint8_tensor)`` and fill that buffer
-        instead of allocating (``SafetensorsSource`` does; the pipeline uses it when offered).
+        A source may also offer ``map(key)``: the same tensor without a copy (a memory map);
+        the pipeline prefers it when offered.
         """
         ...
 
@@ -198,26 +200,44 @@ class SafetensorsSource:
     def tensors(self) -> Mapping[str, TensorInfo]:
         return self._infos
 
-    def read(self, key: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """One tensor. With ``buffer`` (1-D ``uint8``, large enough) the data lands there and the
-        result is a view of it: reusing buffers avoids a page fault per 4 KiB of fresh memory,
-        which otherwise costs as much as the read itself."""
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, copied into fresh memory."""
         entry = self._entries.get(key)
         if entry is None:
             raise KeyError(key)
         info = entry.info
-        if buffer is None:
-            raw = torch.empty(info.nbytes, dtype=torch.uint8)
-        else:
-            if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < info.nbytes:
-                raise ValueError(f"{key}: buffer must be 1-D uint8 of at least {info.nbytes} bytes")
-            raw = buffer[: info.nbytes]
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             self._file.seek(entry.begin)
             got = self._file.readinto(memoryview(raw.numpy()))
             if got != info.nbytes:
                 raise InputError(f"{at(self._path, key)}: file ended while reading (truncated?)")
         return raw.view(dtypes.to_torch(info.dtype)).reshape(info.shape)
+
+    def map(self, key: str) -> torch.Tensor:
+        """One tensor as a copy-on-write memory map of the file (no copy of the data; the pages
+        are faulted in here, so a reader thread does the I/O). Unmapped when the tensor dies.
+        Falls back to :meth:`read` when the data is not aligned for its dtype."""
+        entry = self._entries.get(key)
+        if entry is None:
+            raise KeyError(key)
+        info = entry.info
+        dtype = dtypes.to_torch(info.dtype)
+        if info.nbytes == 0 or entry.begin % dtype.itemsize:
+            return self.read(key)
+        start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        try:
+            mapped = mmap.mmap(self._file.fileno(), entry.end - start, flags=flags, offset=start)
+        except (OSError, ValueError):
+            return self.read(key)
+        if entry.end > os.fstat(self._file.fileno()).st_size:  # the file shrank under us
+            raise InputError(f"{at(self._path, key)}: file ended while reading (truncated?)")
+        with warnings.catch_warnings():  # a private (copy-on-write) map is writable anyway
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes,
+                                   offset=entry.begin - start)  # fmt: skip
+        return raw.view(dtype).reshape(info.shape)
 
     def close(self) -> None:
         self._file.close()

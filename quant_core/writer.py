@@ -11,6 +11,7 @@ cancel the temporary file is removed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -51,6 +52,17 @@ def layout(
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file its final size with its blocks allocated up front: writing into holes of a
+    sparse file costs the file system an allocation per write (and fails late on a full disk)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise  # ENOSPC and the like: reported by the caller, before any work
+        os.ftruncate(fd, size)  # a file system that cannot allocate ahead
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -105,7 +117,7 @@ class StreamingWriter:
     def __enter__(self) -> StreamingWriter:
         try:
             self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.ftruncate(self._fd, self.total_bytes)
+            _reserve(self._fd, self.total_bytes)
             os.pwrite(self._fd, self._header, 0)
         except OSError as e:
             self.abort()
