@@ -12,6 +12,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -223,16 +224,18 @@ class SafetensorsSource:
             raise KeyError(key)
         info = entry.info
         dtype = dtypes.to_torch(info.dtype)
-        if info.nbytes == 0 or entry.begin % dtype.itemsize:
-            return self.read(key)
+        if info.nbytes == 0 or entry.begin % dtype.itemsize or not hasattr(mmap, "MAP_PRIVATE"):
+            return self.read(key)  # nothing to map, misaligned, or Windows
         start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        try:
-            mapped = mmap.mmap(self._file.fileno(), entry.end - start, flags=flags, offset=start)
-        except (OSError, ValueError):
-            return self.read(key)
         if entry.end > os.fstat(self._file.fileno()).st_size:  # the file shrank under us
             raise InputError(f"{at(self._path, key)}: file ended while reading (truncated?)")
+        try:
+            mapped = mmap.mmap(
+                self._file.fileno(), entry.end - start, flags=mmap.MAP_PRIVATE, offset=start
+            )
+        except (OSError, ValueError):
+            return self.read(key)
+        _populate_read(mapped)
         with warnings.catch_warnings():  # a private (copy-on-write) map is writable anyway
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes,
@@ -250,6 +253,25 @@ class SafetensorsSource:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)
+
+
+# Linux >= 5.14 (Python >= 3.13 names it); elsewhere the fallback below.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+
+
+def _populate_read(mapped: mmap.mmap) -> None:
+    """Fault a private map's pages in for reading, here (the reader thread) rather than in the math.
+
+    Not ``MAP_POPULATE``: on a writable private map it breaks copy-on-write up front, copying the
+    whole tensor into fresh memory. Read faults share the page cache's pages; a page is copied only
+    if someone writes to it. Without ``MADV_POPULATE_READ`` one read per page does the same."""
+    if _MADV_POPULATE_READ is not None:
+        try:
+            mapped.madvise(_MADV_POPULATE_READ)
+            return
+        except (OSError, ValueError):
+            pass  # an older kernel
+    sum(memoryview(mapped)[:: mmap.PAGESIZE])  # reads one byte of every page
 
 
 def describe_existing_quantization(source: Source) -> str | None:

@@ -6,12 +6,12 @@ at its offset and dropped. The layout is the one ``safetensors.torch.save_file``
 the same tensors (sorted by dtype rank, then name; header padded with spaces to 8 bytes), so
 both give identical bytes. The data goes to a hidden temporary file next to the destination,
 which is renamed into place only after every tensor was written and flushed; on any error or
-cancel the temporary file is removed.
+cancel the temporary file is removed. The bytes go through ``BlockFile``, which bypasses the page
+cache where the file system allows.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import secrets
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import dtypes
+from .blockfile import BlockFile
 from .errors import OutputError, at
 from .source import TensorInfo
 
@@ -52,17 +53,6 @@ def layout(
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
-
-
-def _reserve(fd: int, size: int) -> None:
-    """Give the file its final size with its blocks allocated up front: writing into holes of a
-    sparse file costs the file system an allocation per write (and fails late on a full disk)."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise  # ENOSPC and the like: reported by the caller, before any work
-        os.ftruncate(fd, size)  # a file system that cannot allocate ahead
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -108,7 +98,7 @@ class StreamingWriter:
         self._header, self._offsets = layout(self._infos.values(), metadata)
         self._pending = set(self._infos)
         self.tmp = self.dest.with_name(f".{self.dest.name}.{secrets.token_hex(4)}.partial")
-        self._fd: int | None = None
+        self._file: BlockFile | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -116,21 +106,20 @@ class StreamingWriter:
 
     def __enter__(self) -> StreamingWriter:
         try:
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            _reserve(self._fd, self.total_bytes)
-            os.pwrite(self._fd, self._header, 0)
+            self._file = BlockFile(self.tmp, self.total_bytes)
+            self._file.write(0, memoryview(self._header))
         except OSError as e:
             self.abort()
             raise OutputError(f"{self.dest}: cannot write ({e.strerror})") from None
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self._fd is not None or self.tmp.exists():
+        if self._file is not None or self.tmp.exists():
             self.abort()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor; dtype and shape must match the plan exactly."""
-        if self._fd is None:
+        if self._file is None:
             raise RuntimeError("writer is not open")
         info = self._infos.get(name)
         if info is None:
@@ -144,13 +133,8 @@ class StreamingWriter:
             )
         begin, _ = self._offsets[name]
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(data)
-        position = len(self._header) + begin
         try:
-            while view.nbytes:
-                written = os.pwrite(self._fd, view, position)
-                view = view[written:]
-                position += written
+            self._file.write(len(self._header) + begin, memoryview(data))
         except OSError as e:
             raise OutputError(f"{at(self.dest, name)}: write failed ({e.strerror})") from None
         self._pending.discard(name)
@@ -162,11 +146,11 @@ class StreamingWriter:
             raise RuntimeError(
                 f"{len(missing)} planned tensors were not written, e.g. {missing[0]}"
             )
-        assert self._fd is not None
+        assert self._file is not None
         try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+            self._file.finish()
+            self._file.close()
+            self._file = None
             os.replace(self.tmp, self.dest)
         except OSError as e:
             raise OutputError(f"{self.dest}: cannot finish writing ({e.strerror})") from None
@@ -174,9 +158,9 @@ class StreamingWriter:
 
     def abort(self) -> None:
         """Close and delete the temporary file (safe to call more than once)."""
-        if self._fd is not None:
+        if self._file is not None:
             try:
-                os.close(self._fd)
+                self._file.close()
             finally:
-                self._fd = None
+                self._file = None
         self.tmp.unlink(missing_ok=True)
