@@ -156,31 +156,48 @@ def choose_cpu_kernel(w: torch.Tensor, backend: str = AUTO) -> Choice:
 
 
 def quantize_and_measure(
-    w: torch.Tensor, fmt: Format, *, workers: int = 1, backend: str = AUTO
+    w: torch.Tensor,
+    fmt: Format,
+    *,
+    workers: int = 1,
+    backend: str = AUTO,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, formats.ErrorEnergy, str]:
     """Round-to-nearest codes, scale and error energy of ``w`` — the conversion's hot path.
 
     On CUDA: the quantize kernel, then the error measured on the device. On the CPU: the chunked
     loop of ``formats.quantize_and_measure``, with its per-chunk math in one fused numba pass
-    when numba is installed (same codes). Returns the backend used as the last element.
+    when numba is installed (same codes), into ``out`` if given (CPU only). Returns the backend
+    used as the last element.
     """
     if w.is_cuda:
         choice = choose_quantize(w, fmt, backend)
         codes, scale = quantize(w, fmt, backend=choice.backend)
         return codes, scale, formats.error_energy(w, codes, scale, fmt), choice.backend
     choice = choose_cpu_kernel(w, backend)
-    kernel = None
-    if choice.backend == "numba":
-        fused = _kernels("cpu_quantize").quantize_chunk
-        fp8 = fmt.kind is Kind.FP8
-
-        def kernel(x, grid, block_rows, block_cols, codes):  # type: ignore[no-untyped-def]
-            return fused(x, grid, block_rows, block_cols, codes, fp8=fp8)
-
+    kernel = _NumbaChunks(fmt.kind is Kind.FP8) if choice.backend == "numba" else None
     codes, scale, energy = formats.quantize_and_measure(
-        w, fmt, workers=workers, chunk_kernel=kernel
+        w, fmt, workers=workers, chunk_kernel=kernel, out=out
     )
     return codes, scale, energy, choice.backend
+
+
+class _NumbaChunks:
+    """``formats.ChunkKernel`` on the numba kernels of ``kernels/cpu_quantize.py``."""
+
+    def __init__(self, fp8: bool) -> None:
+        self._k = _kernels("cpu_quantize")
+        self._fp8 = fp8
+        self.dtypes: frozenset[torch.dtype] = self._k.STORED_DTYPES
+
+    def absmax(self, x: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
+        return self._k.absmax_chunk(x, block_rows, block_cols)
+
+    def quantize(
+        self, x: torch.Tensor, grid: torch.Tensor, block_rows: int, block_cols: int,
+        codes: torch.Tensor,
+    ) -> tuple[float, float]:  # fmt: skip
+        return self._k.quantize_chunk(x, grid, block_rows, block_cols, codes, fp8=self._fp8)
 
 
 def choose_quantize(w: torch.Tensor, fmt: Format, backend: str = AUTO) -> Choice:

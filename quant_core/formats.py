@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -39,6 +39,9 @@ INT8_MAX = 127.0
 # Rows are processed in chunks of about this many elements so that the float32 temporaries stay
 # in cache; the result is identical to whole-tensor math because every step is elementwise.
 _CHUNK_ELEMENTS = 1 << 17
+# A ChunkKernel reads the stored weight with no float32 temporaries: larger chunks amortise the
+# Python work per chunk (which holds the GIL) while the chunk's source stays in L2/L3.
+_KERNEL_CHUNK_FACTOR = 8
 
 
 class NonFiniteWeightError(ValueError):
@@ -136,9 +139,9 @@ class Format:
 
 
 def _row_chunks(
-    rows: int, cols: int, align: int = 1, device: torch.device | None = None
+    rows: int, cols: int, align: int = 1, device: torch.device | None = None, factor: int = 1
 ) -> Iterator[slice]:
-    """Row slices of about ``_CHUNK_ELEMENTS`` elements, each a multiple of ``align`` rows.
+    """Row slices of about ``factor * _CHUNK_ELEMENTS`` elements, each a multiple of ``align``.
 
     Chunking serves CPU caches; on a GPU the whole tensor is one chunk (each chunk ends in a
     host read of its sums, which would otherwise cost a synchronisation per chunk).
@@ -146,7 +149,7 @@ def _row_chunks(
     if device is not None and device.type != "cpu":
         yield slice(0, rows)
         return
-    step = max(align, (_CHUNK_ELEMENTS // max(cols, 1)) // align * align)
+    step = max(align, (factor * _CHUNK_ELEMENTS // max(cols, 1)) // align * align)
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 
@@ -260,9 +263,27 @@ def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, fmt: Format) -> to
     return codes
 
 
-ChunkKernel = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor], tuple[float, float]]
-"""``kernel(x_f32 [r, c], scale_grid, block_rows, block_cols, codes_out [r, c]) -> (Σx², Σerr²)``:
-a faster implementation of this module's per-chunk math (same codes), see ``dispatch``."""
+class ChunkKernel(Protocol):
+    """A faster implementation of this module's per-chunk math, same results (see ``dispatch``).
+
+    Both methods take rows ``x [r, c]`` of the weight in one of ``dtypes`` (other dtypes are
+    converted to float32 first) and groups of ``block_rows`` x ``block_cols`` elements that share
+    a scale (``_scale_grid``).
+    """
+
+    dtypes: frozenset[torch.dtype]
+
+    def absmax(self, x: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
+        """Float32 absmax of each group, ``[ceil(r/br), ceil(c/bc)]``; not finite if any
+        element of the group is not."""
+        ...
+
+    def quantize(
+        self, x: torch.Tensor, grid: torch.Tensor, block_rows: int, block_cols: int,
+        codes: torch.Tensor,
+    ) -> tuple[float, float]:  # fmt: skip
+        """Fill ``codes [r, c]`` for the scale ``grid``; return ``(Σx², Σ(x − q·s)²)``."""
+        ...
 
 
 def quantize_and_measure(
@@ -272,6 +293,7 @@ def quantize_and_measure(
     *,
     workers: int = 1,
     chunk_kernel: ChunkKernel | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ErrorEnergy]:
     """Round-to-nearest codes, scale and error energy of ``w`` ``[out, in]``.
 
@@ -279,19 +301,23 @@ def quantize_and_measure(
     block scales are computed inside the chunk (only a tensor-wide scale needs a pass of its
     own), and the error comes from the grid values themselves. ``workers`` > 1 processes chunks
     in that many threads (torch releases the GIL); results do not depend on it. A
-    ``chunk_kernel`` (from ``dispatch``) replaces the per-chunk PyTorch steps.
+    ``chunk_kernel`` (from ``dispatch``) replaces the per-chunk PyTorch steps. ``out`` (codes
+    dtype, ``w``'s shape and device) receives the codes instead of a new tensor.
     """
     _check_2d(w)
     if scale is None and fmt.scaling is Scaling.TENSOR:
         rows, cols = w.shape
-        parts = _map_chunks(
-            lambda rs: _chunk_absmax(w[rs].float(), fmt),
-            _row_chunks(rows, cols, device=w.device),
-            workers,
-        )
-        scale = scale_from_absmax(torch.stack(parts).amax(), fmt)
+
+        def part(rs: slice) -> torch.Tensor:
+            if chunk_kernel is None:
+                return _chunk_absmax(w[rs].float(), fmt)
+            return chunk_kernel.absmax(_kernel_input(w[rs], chunk_kernel), rs.stop - rs.start, cols)
+
+        factor = 1 if chunk_kernel is None else _KERNEL_CHUNK_FACTOR
+        chunks = _row_chunks(rows, cols, device=w.device, factor=factor)
+        scale = scale_from_absmax(torch.stack(_map_chunks(part, chunks, workers)).amax(), fmt)
     codes, scale, energy = _quantize_rows(
-        w, fmt, scale, measure=True, workers=workers, chunk_kernel=chunk_kernel
+        w, fmt, scale, measure=True, workers=workers, chunk_kernel=chunk_kernel, out=out
     )
     assert energy is not None
     return codes, scale, energy
@@ -305,15 +331,32 @@ def _quantize_rows(
     measure: bool,
     workers: int = 1,
     chunk_kernel: ChunkKernel | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ErrorEnergy | None]:
     _check_2d(w)
     rows, cols = w.shape
-    codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=w.device)
+    if out is None:
+        codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=w.device)
+    elif out.shape != w.shape or out.dtype != fmt.code_dtype or out.device != w.device:
+        raise ValueError(
+            f"out must be {fmt.code_dtype} {list(w.shape)} on {w.device}, "
+            f"got {out.dtype} {list(out.shape)} on {out.device}"
+        )
+    else:
+        codes = out
     given = scale is not None
     if scale is None:
         scale = torch.empty(fmt.scale_shape((rows, cols)), dtype=torch.float32, device=w.device)
     b = fmt.block_size if fmt.scaling is Scaling.BLOCK else 1
     assert b is not None
+
+    def kernel_chunk(rs: slice) -> tuple[float, float]:
+        assert chunk_kernel is not None and scale is not None
+        x = _kernel_input(w[rs], chunk_kernel)
+        grid, block_rows, block_cols = _scale_grid(scale, rs, cols, fmt)
+        if not given:
+            grid[...] = scale_from_absmax(chunk_kernel.absmax(x, block_rows, block_cols), fmt)
+        return chunk_kernel.quantize(x, grid, block_rows, block_cols, codes[rs])
 
     def one_chunk(rs: slice) -> tuple[float, float]:
         # In-place steps on one float32 copy of the chunk: the same values as _encode(w / s),
@@ -323,9 +366,6 @@ def _quantize_rows(
             scale[rs.start // b : rs.start // b + math.ceil((rs.stop - rs.start) / b)] = (
                 scale_from_absmax(_chunk_absmax(y, fmt), fmt)
             )
-        if chunk_kernel is not None:
-            grid, block_rows, block_cols = _scale_grid(scale, rs, cols, fmt)
-            return chunk_kernel(y, grid, block_rows, block_cols, codes[rs])
         s = _scale_rows(scale, rs, (rows, cols), fmt)
         signal = error = 0.0
         if measure:
@@ -344,17 +384,26 @@ def _quantize_rows(
             error = float(torch.dot(diff, diff))
         return signal, error
 
-    parts = _map_chunks(one_chunk, _row_chunks(rows, cols, align=b, device=w.device), workers)
+    if chunk_kernel is None:
+        parts = _map_chunks(one_chunk, _row_chunks(rows, cols, align=b, device=w.device), workers)
+    else:
+        chunks = _row_chunks(rows, cols, align=b, device=w.device, factor=_KERNEL_CHUNK_FACTOR)
+        parts = _map_chunks(kernel_chunk, chunks, workers)
     if not measure:
         return codes, scale, None
     # Summed in chunk order, so the result does not depend on the number of workers.
     return codes, scale, ErrorEnergy(math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts))
 
 
+def _kernel_input(x: torch.Tensor, kernel: ChunkKernel) -> torch.Tensor:
+    return x if x.dtype in kernel.dtypes else x.to(torch.float32)
+
+
 def _scale_grid(
     scale: torch.Tensor, rs: slice, cols: int, fmt: Format
 ) -> tuple[torch.Tensor, int, int]:
-    """The scales of rows ``rs`` as a 2-D grid and the rows/columns each grid cell covers."""
+    """The scales of rows ``rs`` as a 2-D grid (a view: writable) and the rows/columns each grid
+    cell covers."""
     n = rs.stop - rs.start
     if fmt.scaling is Scaling.TENSOR:
         return scale.reshape(1, 1), n, cols

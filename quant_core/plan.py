@@ -97,6 +97,11 @@ class Plan:
         return not self.pack_only_formats
 
     @property
+    def largest_entry_bytes(self) -> int:
+        """The most output bytes one entry produces."""
+        return max((e.bytes_after for e in self.entries), default=0)
+
+    @property
     def bytes_before(self) -> int:
         return sum(e.bytes_before for e in self.entries)
 

@@ -73,12 +73,26 @@ def test_workers_and_chunking_do_not_change_the_result(
     assert math.isclose(one[2].sqnr_db, many[2].sqnr_db, abs_tol=1e-4)
 
 
-def test_non_finite_weights_raise_before_the_kernel() -> None:
-    w = edge_weights(torch.float32)
-    w[3, 4] = math.nan
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_non_finite_weights_raise(bad: float, dtype: torch.dtype) -> None:
+    w = edge_weights(dtype)
+    w[299, 199] = bad  # the last element: the last group of the last chunk
     for fmt in FORMATS:
         with pytest.raises(formats.NonFiniteWeightError):
             dispatch.quantize_and_measure(w, fmt, backend="numba")
+
+
+def test_absmax_kernel_matches_torch() -> None:
+    from comfyui_quantizer.kernels import cpu_quantize
+
+    w = edge_weights(torch.bfloat16)
+    rows, cols = w.shape
+    for fmt in FORMATS:
+        b = fmt.block_size
+        br, bc = (b, b) if b else (1, cols) if fmt.scaling is Scaling.ROW else (rows, cols)
+        ref = formats.absmax(w, fmt)
+        assert torch.equal(cpu_quantize.absmax_chunk(w, br, bc).reshape(ref.shape), ref)
 
 
 def test_auto_choice_and_explicit_torch() -> None:
