@@ -109,8 +109,8 @@ class QuantizeModel(io.ComfyNode):
                 io.Clip.Input(
                     "clip",
                     optional=True,
-                    tooltip="Or a CLIP holding one T5 / LLM text encoder (CLIP-L/G are refused: "
-                    "they load silently wrong when quantized).",
+                    tooltip="Or a CLIP holding one T5-XXL / LLM text encoder (CLIP-L/G and "
+                    "other T5 are refused: ComfyUI's loaders for them ignore quantization).",
                 ),
                 CalibrationType.Input(
                     "calibration",

@@ -467,12 +467,12 @@ PRESETS: tuple[Preset, ...] = (
     Preset(
         name="clip",
         role="clip",
-        summary="CLIP-L/G/H inside a checkpoint: everything stays",
+        summary="CLIP-L/G/H, T5 other than XXL, T5-Gemma inside a checkpoint: everything stays",
         protect=(
             Pattern(
                 r".",
-                "CLIP text encoder: ComfyUI ignores the scales of a quantized CLIP and loads it "
-                "silently wrong",
+                "text encoder whose ComfyUI loader ignores quantization (it would load the "
+                "codes silently wrong)",
             ),
         ),
         selectable=False,

@@ -185,7 +185,8 @@ def heuristic_problem(shape: tuple[int, ...]) -> str | None:
 def decide_all(source_name: str, infos: Mapping[str, TensorInfo], config: QuantConfig) -> Decisions:
     """Decide every tensor of a file from its header; raises before any data is read.
 
-    Raises :class:`InputError` for a file that is only a CLIP text encoder.
+    Raises :class:`InputError` for a file that is only a text encoder ComfyUI cannot load
+    quantized (CLIP, T5 other than XXL, ...: role ``CLIP`` in ``detect``).
     """
     detection = detect(infos)
     _refuse_clip(source_name, detection)
@@ -229,9 +230,9 @@ def _refuse_clip(source_name: str, detection: Detection) -> None:
     if clips and len(clips) == len(detection.components):
         c = clips[0]
         raise InputError(
-            f"{source_name}: this is a {c.label} text encoder ({c.evidence[0]}); ComfyUI loads a "
-            "quantized CLIP-L/G silently wrong (it ignores the scales), so it is not quantized. "
-            "Keep it in bf16/fp16 (it is small)."
+            f"{source_name}: this is a {c.label} text encoder ({c.evidence[0]}); ComfyUI's loader "
+            "for it ignores quantization (it would run the 8-bit codes as plain weights, "
+            "silently wrong), so it is not quantized. Keep it in bf16/fp16."
         )
 
 
@@ -295,8 +296,8 @@ class _Resolver:
                 name = "vae" if c.role == VAE else "clip"
                 if c.role == CLIP:
                     self.notes.append(
-                        f"{c.label} {c.where} stays unquantized: ComfyUI loads a quantized "
-                        "CLIP silently wrong"
+                        f"{c.label} {c.where} stays unquantized: ComfyUI's loader for it ignores "
+                        "quantization (silently wrong)"
                     )
             elif c.prefix in targets:
                 name = explicit

@@ -325,29 +325,51 @@ def anima() -> dict[str, torch.Tensor]:
     return m.sd
 
 
-def t5xxl(decoder: bool = True, d: int = 16) -> dict[str, torch.Tensor]:
-    """T5-XXL: d_model tiny, but the feed-forward 10240 wide, which ComfyUI's
-    ``detect_te_model`` reads (``DenseReluDense.wi_1.weight.shape[0] == 10240``)."""
+def t5(
+    decoder: bool = False, d: int = 16, ff: int = 10240, gated: bool = True, last: int = 23
+) -> dict[str, torch.Tensor]:
+    """A T5 encoder (and decoder) with blocks 0, 1 and ``last``. ComfyUI's ``detect_te_model``
+    reads block 23's feed-forward: gated 10240 wide = T5-XXL, 5120 = T5-XL, ungated (``wi``) =
+    T5-XXL v1.0; no block 23 = its T5-base loader. ``d_model`` stays tiny."""
     m = _Model(12)
     m.w("shared.weight", 128, d)
     for part in ("encoder", "decoder") if decoder else ("encoder",):
-        for i in range(2):
+        for i in sorted({0, 1, last}):
             p = f"{part}.block.{i}.layer"
             for proj in ("q", "k", "v", "o"):
                 m.w(f"{p}.0.SelfAttention.{proj}.weight", d, d)
             if i == 0:
                 m.w(f"{p}.0.SelfAttention.relative_attention_bias.weight", 32, 4)
             m.norm(f"{p}.0.layer_norm.weight", d)
-            ff = 2 if part == "decoder" else 1  # decoder layer 1 is cross-attention
+            n = 2 if part == "decoder" else 1  # decoder layer 1 is cross-attention
             if part == "decoder":
                 m.w(f"{p}.1.EncDecAttention.q.weight", d, d)
-            m.w(f"{p}.{ff}.DenseReluDense.wi_0.weight", 10240, d)
-            m.w(f"{p}.{ff}.DenseReluDense.wi_1.weight", 10240, d)
-            m.w(f"{p}.{ff}.DenseReluDense.wo.weight", d, 10240)
-            m.norm(f"{p}.{ff}.layer_norm.weight", d)
+            for wi in ("wi_0", "wi_1") if gated else ("wi",):
+                m.w(f"{p}.{n}.DenseReluDense.{wi}.weight", ff, d)
+            m.w(f"{p}.{n}.DenseReluDense.wo.weight", d, ff)
+            m.norm(f"{p}.{n}.layer_norm.weight", d)
         m.norm(f"{part}.final_layer_norm.weight", d)
     if decoder:
         m.w("lm_head.weight", 128, d)
+    return m.sd
+
+
+def t5xxl(decoder: bool = True, d: int = 16) -> dict[str, torch.Tensor]:
+    """T5-XXL: ``d_model`` tiny, but block 23's gated feed-forward 10240 wide."""
+    return t5(decoder=decoder, d=d)
+
+
+def t5_gemma() -> dict[str, torch.Tensor]:
+    """The keys ComfyUI tells T5-Gemma by (an encoder in Gemma's layer layout)."""
+    m = _Model(16)
+    m.w("model.encoder.embed_tokens.weight", 128, H)
+    for i in range(2):
+        p = f"model.encoder.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            m.linear(f"{p}.self_attn.{proj}", H, H, bias=False)
+        m.linear(f"{p}.mlp.up_proj", 3 * H, H, bias=False)
+        m.linear(f"{p}.mlp.down_proj", H, 3 * H, bias=False)
+        m.norm(f"{p}.pre_self_attn_layernorm.weight", H)
     return m.sd
 
 
@@ -444,6 +466,10 @@ BUILDERS = {
     "krea2": krea2,
     "anima": anima,
     "t5-xxl": t5xxl,
+    "t5-xxl-old": lambda: t5(ff=64, gated=False),
+    "t5-xl": lambda: t5(ff=5120),
+    "t5-base": lambda: t5(ff=64, last=1),
+    "t5-gemma": t5_gemma,
     "llama": llm,
     "qwen2.5-vl": lambda: llm("qwen2.5-vl"),
     "qwen3": lambda: llm("qwen3"),

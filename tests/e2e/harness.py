@@ -96,6 +96,17 @@ def make_t5_base(out: Path, *, seed: int = 0) -> Path:
     return out
 
 
+def make_qwen3_06b(out: Path, *, seed: int = 0) -> Path:
+    """Write a random Qwen3-0.6B text encoder with ComfyUI's own class (make_qwen3_06b.py)."""
+    env = comfy_env()
+    assert env is not None
+    subprocess.run(
+        [str(env[1]), str(HERE / "make_qwen3_06b.py"), str(out), "--seed", str(seed)],
+        check=True, capture_output=True, env={**os.environ, "COMFYUI_DIR": str(env[0])},
+    )  # fmt: skip
+    return out
+
+
 def make_tiny_flux(out: Path, *, seed: int = 0, hidden: int = 128) -> Path:
     """Write a tiny random Flux with ComfyUI's own model class (see make_tiny_flux.py)."""
     env = comfy_env()

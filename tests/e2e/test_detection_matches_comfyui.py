@@ -36,7 +36,16 @@ DIFFUSION = {
     "krea2": {"image_model": "krea2"},
     "anima": {"image_model": "anima"},
 }
-TEXT_ENCODERS = {"clip-l": "CLIP_L", "clip-g": "CLIP_G"}
+TEXT_ENCODERS = {
+    "clip-l": "CLIP_L",
+    "clip-g": "CLIP_G",
+    # T5: only T5_XXL and T5_XXL_OLD reach a loader that honours quantization (t5xxl_detect).
+    "t5-xxl": "T5_XXL",
+    "t5-xxl-old": "T5_XXL_OLD",
+    "t5-xl": "T5_XL",
+    "t5-base": "T5_BASE",
+    "t5-gemma": "T5_GEMMA",
+}
 
 _SCRIPT = textwrap.dedent(
     """

@@ -20,6 +20,7 @@ from .harness import (
     ComfyServer,
     RunResult,
     cli,
+    make_qwen3_06b,
     make_t5_base,
     make_tiny_flux,
     read_latent,
@@ -324,32 +325,63 @@ def t5_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_t5_base(tmp_path_factory.mktemp("t5") / "t5_base.safetensors")
 
 
-def test_clip_input_quantizes_a_t5_text_encoder_that_clip_loader_reloads(
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_qwen3_06b(tmp_path_factory.mktemp("qwen3") / "qwen3_06b.safetensors")
+
+
+def encode_graph(name: str, out: str, clip_type: str) -> dict[str, Any]:
+    """CLIPLoader -> CLIPTextEncode -> save the conditioning tensor to output/<out>."""
+    return {
+        "11": {"class_type": "CLIPLoader",
+               "inputs": {"clip_name": name, "type": clip_type, "device": "default"}},
+        "12": {"class_type": "CLIPTextEncode",
+               "inputs": {"clip": ["11", 0], "text": "a red fox in the snow, at dusk"}},
+        "13": {"class_type": "CQTestSaveConditioning",
+               "inputs": {"conditioning": ["12", 0], "filename": out}},
+    }  # fmt: skip
+
+
+def test_a_t5_base_text_encoder_is_refused_by_file_and_by_clip(
     server: ComfyServer, t5_base: Path
 ) -> None:
-    """CLIPLoader -> Quantize(clip) -> Save gives the same codes as quantizing the file, and
-    CLIPLoader loads and encodes with it."""
+    """ComfyUI's T5-base loader ignores quantization: measured, an INT8 per-row T5-base loads
+    and conditions 94 % off bf16 (2 % from the quantization itself). Both routes refuse it."""
+    out = t5_base.with_name("t5_base_int8row.safetensors")
+    done = cli("-i", str(t5_base), "-o", str(out), "--int8", "--scaling-mode", "row")
+    assert done.returncode != 0
+    assert "ignores quantization" in done.stderr and str(t5_base) in done.stderr
+    assert not out.exists()
     shutil.copy(t5_base, server.folder("text_encoders") / t5_base.name)
-    by_file = t5_base.with_name("t5_base_int8row_cli.safetensors")
-    done = cli("-i", str(t5_base), "-o", str(by_file), "--int8", "--scaling-mode", "row")
+    graph = encode_graph(t5_base.name, "unused", "stable_audio")
+    del graph["12"], graph["13"]
+    graph["1"] = quantize_node(["11", 0], "int8 row")
+    graph["1"]["inputs"]["clip"] = graph["1"]["inputs"].pop("source")
+    graph["2"] = save_node(["1", 0], "e2e/t5base_refused")
+    result = server.run(graph)
+    assert result.status == "error"
+    error = result.of_type("execution_error")[0]
+    assert error["node_id"] == "1" and "ignores quantization" in error["exception_message"]
+    folders = [server.folder("text_encoders"), server.folder("clip")]
+    assert not [f for folder in folders for f in folder.rglob("t5base_refused*")]
+
+
+def test_clip_input_quantizes_an_llm_text_encoder_that_clip_loader_reloads(
+    server: ComfyServer, qwen3: Path
+) -> None:
+    """CLIPLoader -> Quantize(clip) -> Save gives the same codes as quantizing the file, and
+    CLIPLoader loads and encodes with it, close to bf16 (its loader honours the scales)."""
+    shutil.copy(qwen3, server.folder("text_encoders") / qwen3.name)
+    by_file = qwen3.with_name("qwen3_06b_int8row_cli.safetensors")
+    done = cli("-i", str(qwen3), "-o", str(by_file), "--int8", "--scaling-mode", "row")
     assert done.returncode == 0, done.stderr
     shutil.copy(by_file, server.folder("text_encoders") / by_file.name)
 
-    def encode(name: str, out: str) -> dict[str, Any]:
-        return {
-            "11": {"class_type": "CLIPLoader",
-                   "inputs": {"clip_name": name, "type": "stable_audio", "device": "default"}},
-            "12": {"class_type": "CLIPTextEncode",
-                   "inputs": {"clip": ["11", 0], "text": "a red fox in the snow"}},
-            "13": {"class_type": "CQTestSaveConditioning",
-                   "inputs": {"conditioning": ["12", 0], "filename": out}},
-        }  # fmt: skip
-
-    graph = encode(t5_base.name, "cond_bf16")
+    graph = encode_graph(qwen3.name, "cond_bf16", "stable_diffusion")
     graph["1"] = quantize_node(["11", 0], "int8 row")
     graph["1"]["inputs"]["clip"] = graph["1"]["inputs"].pop("source")
-    graph["2"] = save_node(["1", 0], "e2e/t5base")
-    first = server.run(graph)
+    graph["2"] = save_node(["1", 0], "e2e/qwen3")
+    first = server.run(graph, timeout=600)
     assert first.status == "success", (first.events[-1:], server.log[-3000:])
     name = saved_name(first, "2")
     assert first.outputs("2")["comfyui_quantizer_saved"][0]["folder"] == "text_encoders"
@@ -362,29 +394,27 @@ def test_clip_input_quantizes_a_t5_text_encoder_that_clip_loader_reloads(
     # Same tensors as quantizing the encoder's own file: names, dtypes and 8-bit codes.
     assert set(saved) == set(reference)
     quantized = [k for k, v in reference.items() if v.dtype == torch.int8]
-    assert len(quantized) == 72  # q, k, v, o, wi, wo of 12 blocks
+    assert len(quantized) == 28 * 7  # q, k, v, o, gate, up, down of 28 layers
     for key in quantized:
         assert torch.equal(saved[key], reference[key]), key
-    # Kept tensors hold the same values. Their dtype is the file's, except where the preset
-    # keeps the source's dtype (T5's final_layer_norm, which picks T5's compute dtype): a
-    # CLIP source has the dtype ComfyUI holds it in (fp16 here), not the file's.
+    # Kept tensors hold the same values (a CLIP source has the dtype ComfyUI holds it in).
     for key, tensor in reference.items():
         if key not in quantized:
             assert torch.allclose(saved[key].float(), tensor.float(), rtol=1e-2, atol=1e-4), key
     changed = {k for k, t in reference.items() if saved[k].dtype != t.dtype}
     print(f"dtype differs from the file route for {sorted(changed)}")
-    assert changed <= {"encoder.final_layer_norm.weight"}
     for name_, out in ((name, "cond_node"), (by_file.name, "cond_cli")):
-        again = server.run(encode(name_, out))
+        again = server.run(encode_graph(name_, out, "stable_diffusion"), timeout=600)
         assert again.status == "success", (again.events[-1:], server.log[-3000:])
     conds = {k: load_file(str(server.folder("output") / f"cond_{k}.safetensors"))["cond"]
              for k in ("bf16", "node", "cli")}  # fmt: skip
-    assert torch.isfinite(conds["node"]).all()
-    print(f"conditioning, CLIP route vs file route: {rel_error(conds['node'], conds['cli']):.2e}")
-    assert rel_error(conds["node"], conds["cli"]) < 1e-3
-    # For the record: how far ComfyUI's int8 T5 (random weights) lands from bf16.
-    print(f"T5-base int8 row vs bf16: relative conditioning error "
-          f"{rel_error(conds['node'], conds['bf16']):.3f}")  # fmt: skip
+    node_vs_cli = rel_error(conds["node"], conds["cli"])
+    node_vs_bf16 = rel_error(conds["node"], conds["bf16"])
+    print(f"conditioning: CLIP route vs file route {node_vs_cli:.2e}; vs bf16 {node_vs_bf16:.3f}")
+    assert node_vs_cli < 1e-3
+    # Measured 0.032 (its dequantized weights as a bf16 file: 0.033); a loader that ignored
+    # the scales would be ~1.
+    assert node_vs_bf16 < 0.08
 
 
 def test_a_pack_only_format_is_saved_and_says_so(

@@ -76,6 +76,7 @@ Q, K, D = Action.QUANTIZE, Action.KEEP, Action.DROP
         ("krea2", "krea2"),
         ("anima", "anima @net."),
         ("t5-xxl", "t5-xxl"),
+        ("t5-xxl-old", "t5-xxl-old"),
         ("llama", "llama"),
         ("qwen2.5-vl", "qwen2.5-vl"),
         ("qwen3", "qwen3"),
@@ -260,8 +261,12 @@ def test_qwen_vl_vision_tower_input_and_merger_stay(plan_of: PlanOf) -> None:
     assert action(p, "visual.blocks.1.attn.qkv.weight") is Q
 
 
-@pytest.mark.parametrize(("name", "label"), [("clip-l", "CLIP-L"), ("clip-g", "CLIP-G")])
-def test_clip_is_refused(
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [("clip-l", "CLIP-L"), ("clip-g", "CLIP-G"), ("t5-base", "T5 (not XXL"), ("t5-xl", "T5-XL"),
+     ("t5-gemma", "T5-Gemma")],
+)  # fmt: skip
+def test_text_encoders_comfyui_cannot_load_quantized_are_refused(
     model_file: Callable[[str], Path], tmp_path: Path, name: str, label: str
 ) -> None:
     out = tmp_path / "out.safetensors"
@@ -291,7 +296,9 @@ def test_full_checkpoint_is_recognised_per_prefix(plan_of: PlanOf) -> None:
     assert action(p, t5 + "encoder.block.0.layer.0.SelfAttention.q.weight") is Q
     # CLIP inside a checkpoint stays whole (refusing would block every Flux checkpoint).
     assert action(p, cl + ".transformer.text_model.encoder.layers.0.mlp.fc1.weight") is K
-    assert "CLIP" in reason(p, cl + ".transformer.text_model.encoder.layers.0.mlp.fc1.weight")
+    assert "ignores quantization" in reason(
+        p, cl + ".transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    )
     # The VAE is loaded without quantized layers: even its 2-D weights stay.
     assert action(p, "vae.decoder.fake_linear.weight") is K
     assert any("CLIP-L" in n for n in p.notes)

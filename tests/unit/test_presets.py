@@ -30,6 +30,11 @@ FP8 = Format(Kind.FP8, Scaling.TENSOR)
 INT8_ROW = Format(Kind.INT8, Scaling.ROW)
 
 
+# What makes a T5 a T5-XXL for ComfyUI (detect_te_model): block 23's gated feed-forward width.
+XXL_KEY = "encoder.block.23.layer.1.DenseReluDense.wi_1.weight"
+XXL_FF = (10240, 16)
+
+
 def header(**shapes: tuple[int, ...]) -> dict[str, TensorInfo]:
     """``header(a__weight=(32, 32))`` -> ``{"a.weight": TensorInfo("a.weight", "BF16", ...)}``."""
     out = {}
@@ -158,6 +163,7 @@ def test_drop_beats_structure() -> None:
     """T5's decoder norms are 1-D (structure would keep them) but must leave the file."""
     infos = header(
         encoder__block__0__layer__0__SelfAttention__q__weight=(16, 16),
+        encoder__block__23__layer__1__DenseReluDense__wi_1__weight=XXL_FF,
         decoder__final_layer_norm__weight=(16,),
         decoder__block__0__layer__0__SelfAttention__q__weight=(16, 16),
     )
@@ -241,6 +247,8 @@ def test_explicit_preset_applies_only_to_parts_of_its_role() -> None:
         **{f"text_encoders.t5xxl.transformer.{k}": TensorInfo(
             f"text_encoders.t5xxl.transformer.{k}", "BF16", (16, 16))
            for k in ("encoder.block.0.layer.0.SelfAttention.q.weight", "lm_head.weight")},
+        **{f"text_encoders.t5xxl.transformer.{k}": TensorInfo(
+            f"text_encoders.t5xxl.transformer.{k}", "BF16", XXL_FF) for k in (XXL_KEY,)},
     }  # fmt: skip
     ds = decide(infos, rules=rules(preset="t5xxl"))
     assert ds.presets == {
@@ -255,7 +263,8 @@ def test_explicit_preset_applies_only_to_parts_of_its_role() -> None:
             f"text_encoders.{te}.transformer.{k}", "BF16", (16, 16))
         for te, k in (("t5xxl", "encoder.block.0.layer.0.SelfAttention.q.weight"),
                       ("llama", "model.layers.0.self_attn.q_proj.weight"))
-    }  # fmt: skip
+    } | {f"text_encoders.t5xxl.transformer.{XXL_KEY}": TensorInfo(
+        f"text_encoders.t5xxl.transformer.{XXL_KEY}", "BF16", XXL_FF)}  # fmt: skip
     ds = decide(two_te, rules=rules(preset="wan"))
     assert any("'wan' (diffusion) matches no part of this file" in n for n in ds.notes)
     assert set(ds.presets.values()) == {"t5xxl", "base"}
@@ -275,6 +284,7 @@ def test_dtype_override_keeps_source_dtype_only_where_the_loader_reads_it() -> N
         "encoder.block.0.layer.0.layer_norm.weight": TensorInfo(
             "encoder.block.0.layer.0.layer_norm.weight", "F32", (16,)
         ),
+        XXL_KEY: TensorInfo(XXL_KEY, "F32", XXL_FF),
     }
     ds = decide(infos, output_dtype="bf16")
     assert d(ds, "encoder.final_layer_norm.weight").keep_dtype == "F32"
