@@ -25,6 +25,7 @@ DIFFUSION = "diffusion"
 TEXT_ENCODER = "text_encoder"
 CLIP = "clip"  # a text encoder ComfyUI's loader cannot load quantized (see the signatures)
 VAE = "vae"
+DIFFUSERS = "diffusers"  # a diffusion model in the diffusers layout, which ComfyUI converts
 UNKNOWN = "unknown"
 
 
@@ -245,6 +246,37 @@ SIGNATURES: tuple[Signature, ...] = (
         "vae", "VAE", "vae", VAE,
         requires=(r"^(?:encoder|decoder)\.conv_(?:in|out)\.weight$",),
     ),
+    # --- diffusion models in the diffusers layout (after every native layout): ComfyUI renames
+    # and fuses their keys at load (convert_diffusers_mmdit, unet_to_diffusers), carrying only
+    # the keys it knows: weight_scale and comfy_quant are dropped and the 8-bit codes would run
+    # as plain weights, silently wrong. Refused, with the way round (the MODEL route). ---------
+    Signature(
+        "diffusers-auraflow", "AuraFlow", "base", DIFFUSERS,
+        requires=(r"^joint_transformer_blocks\.0\.attn\.add_k_proj\.weight$",),
+    ),
+    Signature(
+        "diffusers-pixart", "PixArt", "base", DIFFUSERS,
+        requires=(r"^adaln_single\.emb\.timestep_embedder\.linear_1\.bias$",
+                  r"^pos_embed\.proj\.bias$"),
+    ),
+    Signature(
+        "diffusers-z-image", "Z-Image / Lumina", "base", DIFFUSERS,
+        requires=(r"^noise_refiner\.0\.attention\.norm_k\.weight$",),
+    ),
+    Signature(
+        "diffusers-flux", "Flux", "base", DIFFUSERS,
+        requires=(r"^x_embedder\.weight$", r"^single_transformer_blocks\.0\."),
+    ),
+    Signature(
+        "diffusers-sd3", "SD3", "base", DIFFUSERS,
+        requires=(r"^transformer_blocks\.0\.attn\.add_q_proj\.weight$",
+                  r"^pos_embed\.proj\.weight$"),
+    ),
+    Signature(
+        "diffusers-unet", "Stable Diffusion UNet", "base", DIFFUSERS,
+        requires=(r"^conv_in\.weight$",
+                  r"^down_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.0\.attn1\."),
+    ),
 )  # fmt: skip
 
 # Prefixes of the parts of a full checkpoint, and what may live under each.
@@ -261,7 +293,7 @@ _ROLES_UNDER = {
     DIFFUSION: (DIFFUSION,),
     TEXT_ENCODER: (TEXT_ENCODER, CLIP),
     VAE: (VAE,),
-    "": (DIFFUSION, TEXT_ENCODER, CLIP, VAE),
+    "": (DIFFUSION, TEXT_ENCODER, CLIP, VAE, DIFFUSERS),
 }
 
 

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import dtypes
-from .detect import CLIP, UNKNOWN, VAE, Component, Detection, detect, layer_families
+from .detect import (
+    CLIP,
+    DIFFUSERS,
+    UNKNOWN,
+    VAE,
+    Component,
+    Detection,
+    detect,
+    layer_families,
+)
 from .errors import ConfigError, InputError
 from .formats import Format, Kind, Scaling
 from .layer_config import FormatSpec, LayerConfig, LayerRule, TemplateLayer, parse_format
@@ -185,11 +194,12 @@ def heuristic_problem(shape: tuple[int, ...]) -> str | None:
 def decide_all(source_name: str, infos: Mapping[str, TensorInfo], config: QuantConfig) -> Decisions:
     """Decide every tensor of a file from its header; raises before any data is read.
 
-    Raises :class:`InputError` for a file that is only a text encoder ComfyUI cannot load
-    quantized (CLIP, T5 other than XXL, ...: role ``CLIP`` in ``detect``).
+    Raises :class:`InputError` for a file ComfyUI would load quantized silently wrong: only a
+    text encoder whose loader ignores quantization (CLIP, T5 other than XXL, ...: role ``CLIP``
+    in ``detect``), or a diffusion model in the diffusers layout (role ``DIFFUSERS``).
     """
     detection = detect(infos)
-    _refuse_clip(source_name, detection)
+    _refuse_unloadable(source_name, detection)
     resolver = _Resolver(detection, config)
     by_key = {key: resolver.decide(key, info) for key, info in infos.items()}
     notes = resolver.notes + resolver.summary_notes(by_key)
@@ -225,7 +235,16 @@ def layer_config_template(
     )
 
 
-def _refuse_clip(source_name: str, detection: Detection) -> None:
+def _refuse_unloadable(source_name: str, detection: Detection) -> None:
+    for c in detection.components:
+        if c.role == DIFFUSERS:
+            raise InputError(
+                f"{source_name}: this is a {c.label} model in the diffusers layout "
+                f"({', '.join(c.evidence)}); ComfyUI renames and fuses those keys when it loads "
+                "the file and drops the quantization scales, so an 8-bit file would load "
+                "silently wrong. Load it in ComfyUI and connect the MODEL to the Quantize node "
+                "instead (or save it in ComfyUI's layout first)."
+            )
     clips = [c for c in detection.components if c.role == CLIP]
     if clips and len(clips) == len(detection.components):
         c = clips[0]

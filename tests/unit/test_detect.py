@@ -17,11 +17,12 @@ from comfyui_quantizer.quant_core import (
     InputError,
     QuantConfig,
     SafetensorsSource,
+    TensorInfo,
     quantize_model,
 )
 from comfyui_quantizer.quant_core.detect import detect
 from comfyui_quantizer.quant_core.plan import Action, Plan, build_plan
-from comfyui_quantizer.quant_core.rules import RuleOptions
+from comfyui_quantizer.quant_core.rules import RuleOptions, decide_all
 
 PlanOf = Callable[..., Plan]
 
@@ -343,3 +344,37 @@ def test_detection_reads_no_tensor_data(model_file: Callable[[str], Path]) -> No
     path.write_bytes(bytes(raw))
     with SafetensorsSource(path) as src:
         assert detect(src.tensors()).summary == before == "flux1-dev"
+
+
+# Each diffusers layout ComfyUI converts at load (model_detection.convert_diffusers_mmdit and the
+# diffusers UNet path), by the keys ComfyUI itself tests for.
+DIFFUSERS_LAYOUTS = {
+    "diffusers-flux": ("x_embedder.weight", "single_transformer_blocks.0.attn.to_q.weight",
+                       "transformer_blocks.0.attn.to_q.weight"),
+    "diffusers-sd3": ("transformer_blocks.0.attn.add_q_proj.weight", "pos_embed.proj.weight"),
+    "diffusers-auraflow": ("joint_transformer_blocks.0.attn.add_k_proj.weight",),
+    "diffusers-pixart": ("adaln_single.emb.timestep_embedder.linear_1.bias",
+                         "pos_embed.proj.bias", "transformer_blocks.0.attn1.to_q.weight"),
+    "diffusers-z-image": ("noise_refiner.0.attention.norm_k.weight",
+                          "layers.0.attention.to_q.weight"),
+    "diffusers-unet": ("conv_in.weight",
+                       "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(DIFFUSERS_LAYOUTS))
+def test_diffusers_layouts_are_refused_before_any_work(arch: str) -> None:
+    infos = {k: TensorInfo(k, "BF16", (64, 64)) for k in DIFFUSERS_LAYOUTS[arch]}
+    assert detect(infos).components[0].arch == arch
+    with pytest.raises(InputError) as e:
+        decide_all("model.safetensors", infos, QuantConfig())
+    message = str(e.value)
+    assert message.startswith("model.safetensors: ") and "diffusers layout" in message
+    assert "silently wrong" in message and "MODEL" in message
+
+
+def test_native_layouts_sharing_diffusers_key_names_are_not_refused(plan_of: PlanOf) -> None:
+    """Qwen-Image names its blocks transformer_blocks.N.attn.add_q_proj; Lumina/Z-Image use
+    x_embedder.weight; LTX uses adaln_single: none of them is converted by ComfyUI."""
+    for name in ("qwen-image", "z-image", "lumina2", "ltxv2"):
+        assert not plan_of(name).architecture.startswith("diffusers"), name
