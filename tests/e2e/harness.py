@@ -85,38 +85,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_t5_base(out: Path, *, seed: int = 0) -> Path:
-    """Write a random T5-base text encoder with ComfyUI's own class (see make_t5_base.py)."""
+def make_random_model(kind: str, out: Path, *, seed: int = 0, hidden: int = 128) -> Path:
+    """Write a random ``kind`` model (``flux``, ``t5-base``, ``qwen3-06b``) with ComfyUI's own
+    classes, run by ComfyUI's Python (see make_random_model.py)."""
     env = comfy_env()
     assert env is not None
     subprocess.run(
-        [str(env[1]), str(HERE / "make_t5_base.py"), str(out), "--seed", str(seed)],
-        check=True, capture_output=True, env={**os.environ, "COMFYUI_DIR": str(env[0])},
-    )  # fmt: skip
-    return out
-
-
-def make_qwen3_06b(out: Path, *, seed: int = 0) -> Path:
-    """Write a random Qwen3-0.6B text encoder with ComfyUI's own class (make_qwen3_06b.py)."""
-    env = comfy_env()
-    assert env is not None
-    subprocess.run(
-        [str(env[1]), str(HERE / "make_qwen3_06b.py"), str(out), "--seed", str(seed)],
+        [str(env[1]), str(HERE / "make_random_model.py"), kind, str(out), "--seed", str(seed),
+         "--hidden", str(hidden)],
         check=True, capture_output=True, env={**os.environ, "COMFYUI_DIR": str(env[0])},
     )  # fmt: skip
     return out
 
 
 def make_tiny_flux(out: Path, *, seed: int = 0, hidden: int = 128) -> Path:
-    """Write a tiny random Flux with ComfyUI's own model class (see make_tiny_flux.py)."""
-    env = comfy_env()
-    assert env is not None
-    subprocess.run(
-        [str(env[1]), str(HERE / "make_tiny_flux.py"), str(out), "--seed", str(seed),
-         "--hidden", str(hidden)],
-        check=True, capture_output=True, env={**os.environ, "COMFYUI_DIR": str(env[0])},
-    )  # fmt: skip
-    return out
+    """A tiny random Flux.1 (hidden 128, 2 double + 2 single blocks)."""
+    return make_random_model("flux", out, seed=seed, hidden=hidden)
 
 
 @dataclass

@@ -20,8 +20,7 @@ from .harness import (
     ComfyServer,
     RunResult,
     cli,
-    make_qwen3_06b,
-    make_t5_base,
+    make_random_model,
     make_tiny_flux,
     read_latent,
     sample_graph,
@@ -322,12 +321,13 @@ def test_model_input_bakes_a_lora_into_the_quantized_weights(
 
 @pytest.fixture(scope="module")
 def t5_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_t5_base(tmp_path_factory.mktemp("t5") / "t5_base.safetensors")
+    return make_random_model("t5-base", tmp_path_factory.mktemp("t5") / "t5_base.safetensors")
 
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_qwen3_06b(tmp_path_factory.mktemp("qwen3") / "qwen3_06b.safetensors")
+    path = tmp_path_factory.mktemp("qwen3") / "qwen3_06b.safetensors"
+    return make_random_model("qwen3-06b", path)
 
 
 def encode_graph(name: str, out: str, clip_type: str) -> dict[str, Any]:
