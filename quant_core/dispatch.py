@@ -56,14 +56,14 @@ class Choice:
 
 
 @functools.cache
-def _triton_import_problem() -> str | None:
-    """Why Triton cannot be used at all (None when it imports)."""
+def _import_problem(module: str) -> str | None:
+    """Why an optional ``module`` (triton, numba) cannot be used (None when it imports)."""
     try:
-        importlib.import_module("triton")
+        importlib.import_module(module)
     except ImportError as exc:
-        return f"triton is not importable ({exc})"
+        return f"{module} is not importable ({exc})"
     except Exception as exc:  # a broken install must not break the pack
-        return f"import triton failed: {type(exc).__name__}: {exc}"
+        return f"import {module} failed: {type(exc).__name__}: {exc}"
     return None
 
 
@@ -77,7 +77,7 @@ def _interpreter_on() -> bool:
 
 
 def _triton_device_problem(device: torch.device, *, fp8: bool) -> str | None:
-    problem = _triton_import_problem()
+    problem = _import_problem("triton")
     if problem:
         return problem
     if device.type == "cuda":
@@ -135,21 +135,9 @@ def _choose(
     return Choice(backend, reasons)
 
 
-@functools.cache
-def _numba_problem() -> str | None:
-    """Why the CPU kernel (numba) cannot be used (None when it imports)."""
-    try:
-        importlib.import_module("numba")
-    except ImportError as exc:
-        return f"numba is not importable ({exc})"
-    except Exception as exc:  # a broken install must not break the pack
-        return f"import numba failed: {type(exc).__name__}: {exc}"
-    return None
-
-
 def choose_cpu_kernel(w: torch.Tensor, backend: str = AUTO) -> Choice:
     """Backend for the CPU conversion's per-chunk math: ``numba`` (one fused pass) or ``torch``."""
-    problem = _numba_problem()
+    problem = _import_problem("numba")
     if problem is None and w.device.type != "cpu":
         problem = f"tensor on {w.device.type} (the numba kernel runs on the CPU)"
     return _choose("cpu quantize", w.device, {"numba": problem, "torch": None}, backend)
