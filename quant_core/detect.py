@@ -248,8 +248,9 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
     # --- diffusion models in the diffusers layout (after every native layout): ComfyUI renames
     # and fuses their keys at load (convert_diffusers_mmdit, unet_to_diffusers), carrying only
-    # the keys it knows: weight_scale and comfy_quant are dropped and the 8-bit codes would run
-    # as plain weights, silently wrong. Refused, with the way round (the MODEL route). ---------
+    # the keys it knows: weight_scale and comfy_quant are dropped and the 8-bit codes run as
+    # plain weights (measured on a tiny diffusers Flux: loads without a word, output off 1e8x).
+    # Refused, with the way round (the MODEL route). -------------------------------------------
     Signature(
         "diffusers-auraflow", "AuraFlow", "base", DIFFUSERS,
         requires=(r"^joint_transformer_blocks\.0\.attn\.add_k_proj\.weight$",),
