@@ -9,7 +9,9 @@ KIND:
   t5-base    a T5-base text encoder (about 110M weights), which CLIPLoader detects (type
              ``stable_audio``) and whose loader ignores quantization;
   qwen3-06b  a Qwen3-0.6B text encoder (about 600M weights, the Anima encoder), a family whose
-             loader passes quantization on (``llama_detect``).
+             loader passes quantization on (``llama_detect``);
+  wan, hunyuan-video  small WAN 2.1 (dim 128, 2 layers) and Hunyuan Video (hidden 128, 2 + 2
+             blocks) diffusion models that ComfyUI's detection sizes back from their shapes.
 Weights: norm scales 1, biases ~0.01, embeddings N(0, 1), others N(0, 1/fan_in); stored as bf16.
 """
 
@@ -46,12 +48,34 @@ def build(kind: str, hidden: int):  # type: ignore[no-untyped-def]
         from comfy.text_encoders.llama import Qwen3_06B
 
         return Qwen3_06B({}, dtype=torch.float32, device="meta", operations=comfy.ops.manual_cast)
+    # Small diffusion models in the sizes ComfyUI's detection derives back from the shapes
+    # (one 128-wide attention head each).
+    if kind == "wan":
+        from comfy.ldm.wan.model import WanModel
+
+        return WanModel(
+            dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=64, freq_dim=256,
+            dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init,
+        )  # fmt: skip
+    if kind == "hunyuan-video":
+        from comfy.ldm.hunyuan_video.model import HunyuanVideo
+
+        return HunyuanVideo(
+            in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=128,
+            mlp_ratio=4.0, num_heads=1, depth=2, depth_single_blocks=2, axes_dim=[16, 56, 56],
+            theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False,
+            meanflow=False, use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False,
+            dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init,
+        )  # fmt: skip
     raise SystemExit(f"unknown kind {kind!r}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["flux", "t5-base", "qwen3-06b"])
+    parser.add_argument(
+        "kind",
+        choices=["flux", "t5-base", "qwen3-06b", "wan", "hunyuan-video"],
+    )
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=128)
