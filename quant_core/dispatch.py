@@ -135,9 +135,14 @@ def _choose(
     return Choice(backend, reasons)
 
 
+# Set when the numba kernels failed at run time (a broken LLVM, an unwritable cache...): the
+# conversion goes on with the PyTorch path, which gives the same codes.
+_numba_failure: str | None = None
+
+
 def choose_cpu_kernel(w: torch.Tensor, backend: str = AUTO) -> Choice:
     """Backend for the CPU conversion's per-chunk math: ``numba`` (one fused pass) or ``torch``."""
-    problem = _import_problem("numba")
+    problem = _import_problem("numba") or _numba_failure
     if problem is None and w.device.type != "cpu":
         problem = f"tensor on {w.device.type} (the numba kernel runs on the CPU)"
     return _choose("cpu quantize", w.device, {"numba": problem, "torch": None}, backend)
@@ -163,11 +168,22 @@ def quantize_and_measure(
         codes, scale = quantize(w, fmt, backend=choice.backend)
         return codes, scale, formats.error_energy(w, codes, scale, fmt), choice.backend
     choice = choose_cpu_kernel(w, backend)
-    kernel = _NumbaChunks(fmt.kind is Kind.FP8) if choice.backend == "numba" else None
-    codes, scale, energy = formats.quantize_and_measure(
-        w, fmt, workers=workers, chunk_kernel=kernel, out=out
-    )
-    return codes, scale, energy, choice.backend
+    if choice.backend == "numba":
+        try:
+            codes, scale, energy = formats.quantize_and_measure(
+                w, fmt, workers=workers, chunk_kernel=_NumbaChunks(fmt.kind is Kind.FP8), out=out
+            )
+            return codes, scale, energy, "numba"
+        except formats.NonFiniteWeightError:
+            raise
+        except Exception as exc:
+            if backend != AUTO:
+                raise
+            global _numba_failure
+            _numba_failure = f"the numba kernel failed ({type(exc).__name__}: {exc})"
+            log.warning("cpu quantize: %s; continuing with the PyTorch path", _numba_failure)
+    codes, scale, energy = formats.quantize_and_measure(w, fmt, workers=workers, out=out)
+    return codes, scale, energy, "torch"
 
 
 class _NumbaChunks:

@@ -104,3 +104,27 @@ def test_auto_choice_and_explicit_torch() -> None:
     assert torch.equal(
         ref[0].view(torch.uint8), dispatch.quantize_and_measure(w, fmt)[0].view(torch.uint8)
     )
+
+
+def test_a_failing_numba_kernel_falls_back_to_the_same_codes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injection: if the compiled kernel raises (a broken LLVM, say), the conversion goes
+    on with the PyTorch path, says so once, and an explicit ``backend="numba"`` still fails."""
+    from comfyui_quantizer.kernels import cpu_quantize
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected kernel failure")
+
+    w = edge_weights(torch.bfloat16)
+    fmt = FORMATS[4]
+    expected = dispatch.quantize_and_measure(w, fmt, backend="torch")
+    monkeypatch.setattr(cpu_quantize, "quantize_chunk", broken)
+    monkeypatch.setattr(dispatch, "_numba_failure", None)
+    with pytest.raises(RuntimeError, match="injected"):
+        dispatch.quantize_and_measure(w, fmt, backend="numba")
+    with caplog.at_level("WARNING"):
+        codes, scale, _, backend = dispatch.quantize_and_measure(w, fmt)
+    assert backend == "torch" and "injected kernel failure" in caplog.text
+    assert torch.equal(codes, expected[0]) and torch.equal(scale, expected[1])
+    assert dispatch.choose_cpu_kernel(w).backend == "torch"  # not tried again
