@@ -2,7 +2,8 @@
 
 ``quantize_model`` builds the plan, opens the streaming writer, and then handles one plan entry
 at a time: read its tensors, quantize or copy them, write them, report progress, check for
-cancel. Only one entry's tensors are alive at a time.
+cancel. Reading runs one entry ahead in a thread and writing lags behind in another, by at most
+twice the largest entry's output bytes, so memory stays a constant plus a few entries' tensors.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class _Prefetcher:
 
     A source that offers ``map`` (a memory map; ``SafetensorsSource`` does) hands out its pages
     without a copy, faulted in by this thread; otherwise ``read`` copies. Either way the I/O
-    releases the GIL and overlaps the math, and at most two entries' inputs are alive.
+    releases the GIL and overlaps the math; it holds at most the next entry's inputs.
     """
 
     def __init__(self, source: Source, entries: tuple[PlanEntry, ...]) -> None:
