@@ -156,6 +156,12 @@ def quantize_model(
     if learned is not None:
         report.notes.extend(learned.notes(report))
     # --- end learned rounding ---
+    if any(layer.extra.get("quantize_backend") == "torch" for layer in report.layers):
+        why = dispatch.choose_cpu_kernel(torch.empty(0)).reasons.get("numba", "")
+        report.notes.append(
+            f"the CPU math ran on the PyTorch path ({why}); with numba installed "
+            "(pip install numba) the same conversion is about 1.6x faster, same result"
+        )
     report.elapsed_s = time.perf_counter() - started
     return report
 

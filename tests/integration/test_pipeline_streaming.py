@@ -55,3 +55,20 @@ def test_every_layer_matches_the_reference(
         layer = key.removesuffix(".weight")
         assert torch.equal(written[f"{layer}.weight_scale"], scale), key
         assert torch.equal(written[key].view(torch.uint8), codes.view(torch.uint8)), key
+
+
+def test_the_report_says_when_the_cpu_path_lacked_numba(
+    write_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from comfyui_quantizer.quant_core import dispatch
+
+    src = write_model(_model())
+    with SafetensorsSource(src) as source:
+        fast = quantize_model(source, QuantConfig(), tmp_path / "a.safetensors")
+        monkeypatch.setattr(dispatch, "_numba_failure", "numba is not importable (test)")
+        slow = quantize_model(source, QuantConfig(), tmp_path / "b.safetensors")
+    if {layer.extra.get("quantize_backend") for layer in fast.layers} == {None, "numba"}:
+        assert not any("numba" in n for n in fast.notes)
+    note = next(n for n in slow.notes if "PyTorch path" in n)
+    assert "numba is not importable (test)" in note and "pip install numba" in note
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
