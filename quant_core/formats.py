@@ -36,12 +36,14 @@ T = TypeVar("T")
 FP8_E4M3_MAX = 448.0
 INT8_MAX = 127.0
 
-# Rows are processed in chunks of about this many elements so that the float32 temporaries stay
-# in cache; the result is identical to whole-tensor math because every step is elementwise.
-_CHUNK_ELEMENTS = 1 << 17
-# A ChunkKernel reads the stored weight with no float32 temporaries: larger chunks amortise the
-# Python work per chunk (which holds the GIL) while the chunk's source stays in L2/L3.
-_KERNEL_CHUNK_FACTOR = 8
+# Rows are processed in chunks of about this many elements; the result is identical to
+# whole-tensor math because every step is elementwise. The size trades cache locality of the
+# float32 temporaries against the Python work per chunk (which holds the GIL): measured on a
+# 2-core VM (L2 2 MB), 2**19 converts INT8 per-row ~20 % faster than 2**17, FP8 no slower.
+_CHUNK_ELEMENTS = 1 << 19
+# A ChunkKernel reads the stored weight with no float32 temporaries and twice (absmax, then
+# codes): twice the elements still fit L2 and amortise the Python work further.
+_KERNEL_CHUNK_FACTOR = 2
 
 
 class NonFiniteWeightError(ValueError):
