@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,8 +22,8 @@ from .quant_core import (
     QuantError,
     Report,
     SafetensorsSource,
+    default_cpu_threads,
     detect,
-    dry_run,
     formats,
     plan_model,
     presets,
@@ -127,16 +126,11 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         device=args.device,
         seed=args.manual_seed,
         upgrade_legacy=args.upgrade_legacy,
-        cpu_threads=args.threads if args.threads is not None else default_threads(),
+        cpu_threads=args.threads if args.threads is not None else default_cpu_threads(),
         rules=rule_options_from_args(args),
         learned=_learned_options(args),
         calibration=args.calibration,
     )
-
-
-def default_threads() -> int:
-    """One CPU worker per core, at most 8 (the conversion is I/O-bound beyond that)."""
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 # --- which layer gets what: presets, layer config, tiers (issue 3) ----------------------------
@@ -532,7 +526,7 @@ def run(args: argparse.Namespace) -> Report:
                 json.dumps(template, indent=2) + "\n", encoding="utf-8"
             )
         if dry:
-            report = dry_run(source, config, output)
+            report = Report.from_plan(plan, output, dry_run=True)  # the plan made above
         else:
             bar = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty())
             try:

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 from gpu_timing import DEV, bench_graph, bench_stream, randn, rel, same_bits
 from gpu_timing import bench as _bench
 
@@ -247,12 +246,12 @@ def check_activations() -> None:
                 check(f"act fp8 [{M},{k}] {dtype} [grid rounding]", same_bits(codes, r_codes))
 
 
-def _operands(k: int, n: int, kind: Kind, bias: bool = True):
+def _operands(k: int, n: int, kind: Kind):
     x = randn(M, k)
     w = randn(n, k, std=0.02)
     fmt = Format(kind, Scaling.BLOCK, B)
     codes, scale = dispatch.quantize(w, fmt)
-    b = randn(n, std=0.1) if bias else None
+    b = randn(n, std=0.1)
     return x, w, fmt, codes, scale, b
 
 
@@ -614,7 +613,7 @@ def cpu_smoke() -> None:
     """Every section on tiny shapes in Triton's interpreter (TRITON_INTERPRET=1 set before
     the run), timers replaced by one call per input set: the code paths, not the numbers."""
     global M, SHAPES, ACT_KS, ODD_K, FLUX_LINEARS, SCALED_MM_ROWS
-    global do_bench, bench_stream, bench_graph, host_us
+    global _do_bench, bench_stream, bench_graph, host_us
     M, SHAPES, ACT_KS, ODD_K = 32, [(256, 256), (512, 128)], (256, 512), 200
     FLUX_LINEARS, SCALED_MM_ROWS = {(1, 256, 256): 1, (32, 128, 512): 2}, (1, 64)
 
@@ -623,7 +622,7 @@ def cpu_smoke() -> None:
             fn(*st)
         return 1.0
 
-    do_bench = bench_stream = bench_graph = once
+    _do_bench = bench_stream = bench_graph = once
     host_us = once
     for job in (("full", "fp8", "default"), ("act", "int8", "r8g4w4"), ("gemm", "int8", "default")):
         log(f"warm {_warm(job)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 from gpu_timing import DEV, bench, bench_graph, bench_stream, randn, rel, same_bits
 
 from comfyui_quantizer.kernels import block_gemm
@@ -222,7 +222,7 @@ def time_quantize() -> None:
         copy_bw = 2 * nbytes / copy_ms / 1e9
         timing(f"copy bf16 {rows}x{cols}", copy_ms, tbps=round(copy_bw, 3))
         for fmt in FORMATS:
-            scale_bytes = 4 * max(1, _numel(fmt.scale_shape((rows, cols))))
+            scale_bytes = 4 * math.prod(fmt.scale_shape((rows, cols)))
             moved = nbytes + rows * cols + scale_bytes
             for name, kw in QUANT_LAUNCH[fmt.scaling.value].items():
                 try:
@@ -251,13 +251,6 @@ def time_quantize() -> None:
             ms = bench(lambda c, s, fmt=fmt: dispatch.dequantize(c, s, fmt, torch.bfloat16), q)
             bw = (nbytes + rows * cols) / ms / 1e9
             timing(f"dequantize {fmt.label} {rows}x{cols}", ms, of_copy=round(bw / copy_bw, 3))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def time_gemm(quick: bool) -> None:

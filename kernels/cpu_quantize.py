@@ -165,12 +165,11 @@ def absmax_chunk(x: torch.Tensor, block_rows: int, block_cols: int) -> torch.Ten
     ``[ceil(r/br), ceil(c/bc)]``); NaN or Inf where a group holds one."""
     rows, cols = x.shape
     shape = (-(-rows // block_rows), -(-cols // block_cols))
+    bits = _array(x)
     if x.dtype == torch.bfloat16:
-        bits, mask = x.view(torch.uint16).numpy(), np.uint16(0x7FFF)
-    elif x.dtype == torch.float32:
-        bits, mask = x.view(torch.uint32).numpy(), np.uint32(0x7FFFFFFF)
+        mask = np.uint16(0x7FFF)
     else:
-        raise TypeError(f"the CPU kernel reads bfloat16 or float32, not {x.dtype}")
+        bits, mask = bits.view(np.uint32), np.uint32(0x7FFFFFFF)
     out = np.empty(shape, dtype=bits.dtype)
     _absmax_kernel(bits, block_rows, block_cols, out, mask)
     if x.dtype == torch.bfloat16:

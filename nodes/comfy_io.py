@@ -8,7 +8,6 @@ CI tests without ComfyUI.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -64,11 +63,6 @@ def compute_device() -> str:
     """ComfyUI's compute device as a ``QuantConfig.device`` string (``cpu`` unless CUDA)."""
     device = comfy.model_management.get_torch_device()
     return str(device) if getattr(device, "type", "cpu") == "cuda" else "cpu"
-
-
-def cpu_threads() -> int:
-    """CPU workers for the math: one per core, at most 8 (as the CLI; I/O-bound beyond that)."""
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def interrupted() -> bool:

@@ -8,7 +8,7 @@ codes ``[out, in]`` (I8 / F8_E4M3) and an F32 dequantization factor ``weight_sca
 
 Two ways to run a linear layer on such a weight:
 
-- **kernel** (block formats on CUDA, when ``quant_core.dispatch.block_scaled_linear`` exists):
+- **kernel** (block formats on CUDA, through ``quant_core.dispatch.block_scaled_linear``):
   activations are quantized per ``1 x B`` on the fly and the block scales applied per K-block
   in fp32 (W8A8); row-scaled FP8 has no kernel yet;
 - **dequantize** (everywhere else, and for layers marked ``full_precision_matrix_mult``): the
@@ -16,19 +16,17 @@ Two ways to run a linear layer on such a weight:
   in the compute dtype. This is the reference the e2e tests compare against.
 
 The ComfyUI layouts (:mod:`.layouts`) and the GPU benchmark both call :func:`linear`, so the
-kernel plugs in at exactly one place (:func:`_find_kernel`).
+kernel plugs in at exactly one place.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from ..quant_core.dispatch import block_scaled_linear, choose_block_linear
 from ..quant_core.formats import Format, Kind, Scaling, dequantize, quantize, quantize_with_scale
 
 logger = logging.getLogger("comfyui_quantizer.runtime")
@@ -46,8 +44,6 @@ LAYOUT_NAMES: dict[str, str] = {
     "float8_e4m3fn_rowwise": "CQFloat8RowwiseLayout",
     "float8_e4m3fn_blockwise": "CQFloat8BlockwiseLayout",
 }
-
-BlockScaledLinear = Callable[..., torch.Tensor]
 
 
 def format_for(name: str, group_size: int | None) -> Format:
@@ -108,34 +104,6 @@ def requantize(
     return quantize_with_scale(w, scale, fmt), scale
 
 
-@dataclass(frozen=True)
-class _Kernel:
-    """``quant_core.dispatch``'s block-scaled linear and, if it has one, its backend chooser."""
-
-    run: BlockScaledLinear
-    choose: Callable[..., Any] | None
-
-
-@functools.lru_cache(maxsize=1)
-def _find_kernel() -> _Kernel | None:
-    """``quant_core.dispatch.block_scaled_linear`` if this checkout has it (logged once if not)."""
-    try:
-        from ..quant_core import dispatch
-    except ImportError as exc:
-        why = str(exc)
-    else:
-        run = getattr(dispatch, "block_scaled_linear", None)
-        if callable(run):
-            return _Kernel(run=run, choose=getattr(dispatch, "choose_block_linear", None))
-        why = "quant_core.dispatch has no block_scaled_linear"
-    logger.info(
-        "comfyui-quantizer: no block-scaled GEMM kernel (%s); pack-only layers run on the "
-        "exact dequantize path",
-        why,
-    )
-    return None
-
-
 def linear_backend(
     x: torch.Tensor, codes: torch.Tensor, fmt: Format, *, full_precision: bool = False
 ) -> str:
@@ -147,10 +115,7 @@ def linear_backend(
     """
     if full_precision or x.device.type != "cuda" or fmt.scaling is not Scaling.BLOCK:
         return "dequantize"
-    kernel = _find_kernel()
-    if kernel is None:
-        return "dequantize"
-    if kernel.choose is not None and kernel.choose(x, codes, fmt).backend == "torch":
+    if choose_block_linear(x, codes, fmt).backend == "torch":
         return "dequantize"
     return "kernel"
 
@@ -186,11 +151,9 @@ def linear(
     shape) falls back to the dequantize path, with one warning per shape and error.
     """
     if linear_backend(x, codes, fmt, full_precision=full_precision) == "kernel":
-        kernel = _find_kernel()
-        assert kernel is not None
         x2 = x.reshape(-1, x.shape[-1])
         try:
-            y = kernel.run(x2, codes, scale, fmt, bias, out_dtype)
+            y = block_scaled_linear(x2, codes, scale, fmt, bias, out_dtype)
         except RuntimeError as exc:  # a backend refusing a shape must not stop sampling
             _note_kernel_failure(fmt.label, tuple(x2.shape), tuple(codes.shape), str(exc))
         else:

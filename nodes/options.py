@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from ..quant_core import (
+    OUTPUT_DTYPES,
+    ROUNDINGS,
     ConfigError,
     Format,
     Kind,
@@ -41,7 +43,7 @@ def _format_choices() -> dict[str, tuple[Kind, Scaling]]:
     """Widget label -> (kind, scaling): stock-loadable formats first, pack-only ones marked."""
     choices = {}
     for kind, scaling in _FORMAT_ORDER:
-        fmt = Format(kind, scaling, 128 if scaling is Scaling.BLOCK else None)
+        fmt = Format(kind, scaling, 128)
         label = f"{kind.value} {scaling.value}" + ("" if fmt.stock_loadable else PACK_ONLY_MARK)
         choices[label] = (kind, scaling)
     return choices
@@ -51,10 +53,9 @@ def _format_choices() -> dict[str, tuple[Kind, Scaling]]:
 FORMATS: Mapping[str, tuple[Kind, Scaling]] = MappingProxyType(_format_choices())
 
 PRESETS = ("auto", *SELECTABLE)  # auto: detect the architecture of each part of the model
-ROUNDINGS = ("nearest", "learned")
 DEVICES = ("auto", "cpu")
 # "auto": as stored for files; bf16 for a MODEL/CLIP input (ComfyUI may hold those upcast).
-KEEP_DTYPES = ("auto", "keep", "bf16", "fp16", "fp32")
+KEEP_DTYPES = ("auto", "keep", *OUTPUT_DTYPES)
 # Learned rounding's widgets start at quant_core's measured defaults.
 LEARNED_DEFAULTS = LearnedOptions()
 
@@ -170,7 +171,4 @@ def parse_layer_config_text(text: str) -> LayerConfig | None:
 
 def describe_choices() -> Mapping[str, str]:
     """Format label -> the ``comfy_quant`` format name it writes (for tooltips)."""
-    return {
-        label: Format(kind, scaling, 128 if scaling is Scaling.BLOCK else None).name
-        for label, (kind, scaling) in FORMATS.items()
-    }
+    return {label: Format(kind, scaling, 128).name for label, (kind, scaling) in FORMATS.items()}

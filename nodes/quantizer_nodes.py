@@ -12,7 +12,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
-from ..quant_core import Cancelled, QuantError, Source
+from ..quant_core import Cancelled, QuantError, Source, default_cpu_threads
 from ..quant_core.learned import OBJECTIVES, OPTIMIZERS, SCHEDULES
 from . import comfy_io, saving
 from .events import EVENT_DONE, EVENT_START, UI_KEY, start_payload, summary_payload
@@ -35,11 +35,6 @@ CATEGORY = "model/quantization"
 SourceType = io.Custom("QUANT_SOURCE")
 QuantizedType = io.Custom("QUANTIZED_MODEL")
 CalibrationType = io.Custom("QUANT_CALIBRATION")
-_FOLDER_TYPES = {
-    "diffusion_models": ModelType.DIFFUSION_MODEL,
-    "checkpoints": ModelType.CHECKPOINT,
-    "text_encoders": ModelType.TEXT_ENCODER,
-}
 
 
 class QuantizerError(Exception):
@@ -78,7 +73,7 @@ class LoadModelForQuantization(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
         folder, path = comfy_io.resolve_model_choice(model_name)
-        model_file = ModelFile(path, _FOLDER_TYPES[folder])
+        model_file = ModelFile(path, ModelType(folder))  # the folder names are its values
         try:
             with model_file.open():  # validates the header now, not halfway through a run
                 pass
@@ -254,7 +249,7 @@ class QuantizeModel(io.ComfyNode):
                 widgets,
                 from_graph_object=source is None,
                 compute_device=comfy_io.compute_device(),
-                cpu_threads=comfy_io.cpu_threads(),
+                cpu_threads=default_cpu_threads(),
             )
             with ExitStack() as stack:
                 src, model_type = _open_source(stack, source, model, clip)

@@ -46,16 +46,13 @@ class TempFile:
 class QuantizedFile(TempFile):
     """A finished quantized safetensors file and its report."""
 
-    def __init__(
-        self, path: Path, report: Report, *, model_type: ModelType, source_name: str
-    ) -> None:
+    def __init__(self, path: Path, report: Report, *, model_type: ModelType) -> None:
         super().__init__(path)
         self.report = report
         self.model_type = model_type
-        self.source_name = source_name
 
     def __repr__(self) -> str:  # shown by ComfyUI in error details
-        return f"QuantizedFile({self.source_name!r} -> {self.path.name}, {self.model_type.value})"
+        return f"QuantizedFile({self.report.source!r} -> {self.path.name}, {self.model_type.value})"
 
 
 class CalibrationStats(TempFile):
@@ -108,4 +105,4 @@ def quantize_to_temp(
     temp_dir.mkdir(parents=True, exist_ok=True)
     dest = temp_dir / f"quantized_{secrets.token_hex(8)}.safetensors"
     report = quantize_model(source, config, dest, progress=progress, cancel=cancel)
-    return QuantizedFile(dest, report, model_type=model_type, source_name=source.name)
+    return QuantizedFile(dest, report, model_type=model_type)

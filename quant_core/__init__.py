@@ -10,7 +10,7 @@ Public API::
     print(report.table())
 """
 
-from .config import QuantConfig
+from .config import OUTPUT_DTYPES, ROUNDINGS, QuantConfig, default_cpu_threads
 from .errors import Cancelled, ConfigError, InputError, OutputError, QuantError
 from .formats import Format, Kind, Scaling
 from .layer_config import LayerConfig, load_layer_config, parse_layer_config
@@ -22,6 +22,8 @@ from .rules import RuleOptions, layer_config_template
 from .source import SafetensorsSource, Source, TensorInfo
 
 __all__ = [
+    "OUTPUT_DTYPES",
+    "ROUNDINGS",
     "Cancelled",
     "ConfigError",
     "Format",
@@ -41,6 +43,7 @@ __all__ = [
     "Scaling",
     "Source",
     "TensorInfo",
+    "default_cpu_threads",
     "dry_run",
     "layer_config_template",
     "load_layer_config",

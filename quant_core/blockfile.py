@@ -51,11 +51,6 @@ class BlockFile:
             self.close()
             raise
 
-    @property
-    def direct(self) -> bool:
-        """Whether whole blocks bypass the page cache."""
-        return self._dfd is not None
-
     def write(self, position: int, data: memoryview) -> None:
         """Write ``data`` (bytes) at ``position``; each byte of the file exactly once."""
         data = data.cast("B")

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputError
+from .learned import matmul_precision
 
 FILE_FORMAT = "comfyui_quantizer.calibration"
 FILE_VERSION = "1"
@@ -245,7 +246,7 @@ class CalibrationRecorder:
         held = torch.rand(x.shape[0], generator=self._generators[key]) < self.holdout
         held = held.to(x.device)
         # highest precision: TF32 would blur the small correlations the objective relies on
-        with _full_precision_matmul():
+        with matmul_precision("highest", x.device):
             sums["fit"].add(x[~held])
             sums["check"].add(x[held])
 
@@ -275,15 +276,6 @@ class CalibrationRecorder:
             raise InputError(f"{path}: nothing recorded; run the module inside the recorder")
         meta = {"format": FILE_FORMAT, "version": FILE_VERSION}
         save_file(self.tensors(), str(path), metadata=meta)
-
-
-class _full_precision_matmul:  # noqa: N801 - used like a function
-    def __enter__(self) -> None:
-        self._old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self._old
 
 
 class CalibrationFile:

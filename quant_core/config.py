@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,11 @@ OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
 }
 ROUNDINGS = ("nearest", "learned")
+
+
+def default_cpu_threads() -> int:
+    """CPU workers for the math: one per core, at most 8 (the conversion is I/O-bound beyond)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True, kw_only=True)

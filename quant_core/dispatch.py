@@ -140,9 +140,14 @@ def _choose(
 _numba_failure: str | None = None
 
 
+def cpu_kernel_problem() -> str | None:
+    """Why the numba CPU kernels are not used (None when they are)."""
+    return _import_problem("numba") or _numba_failure
+
+
 def choose_cpu_kernel(w: torch.Tensor, backend: str = AUTO) -> Choice:
     """Backend for the CPU conversion's per-chunk math: ``numba`` (one fused pass) or ``torch``."""
-    problem = _import_problem("numba") or _numba_failure
+    problem = cpu_kernel_problem()
     if problem is None and w.device.type != "cpu":
         problem = f"tensor on {w.device.type} (the numba kernel runs on the CPU)"
     return _choose("cpu quantize", w.device, {"numba": problem, "torch": None}, backend)
@@ -164,9 +169,10 @@ def quantize_and_measure(
     used as the last element.
     """
     if w.is_cuda:
-        choice = choose_quantize(w, fmt, backend)
-        codes, scale = quantize(w, fmt, backend=choice.backend)
-        return codes, scale, formats.error_energy(w, codes, scale, fmt), choice.backend
+        if choose_quantize(w, fmt, backend).backend == "torch":
+            return (*formats.quantize_and_measure(w, fmt), "torch")  # one pass on the device
+        codes, scale = quantize(w, fmt, backend="triton")
+        return codes, scale, formats.error_energy(w, codes, scale, fmt), "triton"
     choice = choose_cpu_kernel(w, backend)
     if choice.backend == "numba":
         try:
@@ -277,7 +283,6 @@ def _scaled_mm_probe(device: torch.device, *, with_bias: bool) -> float:
     a_codes, a_scale = matmul.quantize_activations(x, Kind.FP8, 128)
     a_scale = a_scale.t().contiguous().t()
     out_dtype = torch.bfloat16 if with_bias else torch.float32
-    bias = bias if with_bias else None
     got = _kernels("block_gemm").fp8_scaled_mm(
         a_codes, a_scale, codes, scale, bias=bias, out_dtype=out_dtype, bias_epilogue=with_bias
     )

@@ -173,9 +173,7 @@ def absmax(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     b = fmt.block_size or 1
     out = torch.empty(fmt.scale_shape((rows, cols)), dtype=torch.float32, device=w.device)
     for rs in _row_chunks(rows, cols, align=b, device=w.device):
-        out[rs.start // b : rs.start // b + math.ceil((rs.stop - rs.start) / b)] = _chunk_absmax(
-            w[rs].float(), fmt
-        )
+        _scale_grid(out, rs, cols, fmt)[0][...] = _chunk_absmax(w[rs].float(), fmt)
     return out
 
 
@@ -203,10 +201,18 @@ def scale_from_absmax(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
     """``amax / qmax`` as float32; all-zero groups get 1.0; never zero or subnormal."""
     if not bool(torch.isfinite(amax).all()):
         raise NonFiniteWeightError("weight contains NaN or Inf")
+    return absmax_scale(amax, fmt.qmax)
+
+
+def absmax_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """:func:`scale_from_absmax` without the finiteness check (activations, per forward pass:
+    a non-finite input gives a non-finite output)."""
     # Divide by a tensor: torch on CUDA turns division by a Python number into a multiply by its
     # reciprocal, which differs from IEEE division by 1 ulp for up to half of the scales.
-    qmax = torch.full((), fmt.qmax, dtype=torch.float32, device=amax.device)
-    scale = torch.where(amax > 0, amax.float() / qmax, torch.ones_like(amax, dtype=torch.float32))
+    divisor = torch.full((), qmax, dtype=torch.float32, device=amax.device)
+    scale = torch.where(
+        amax > 0, amax.float() / divisor, torch.ones_like(amax, dtype=torch.float32)
+    )
     return scale.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -365,8 +371,8 @@ def _quantize_rows(
         # with a third of the memory traffic.
         y = w[rs].to(torch.float32, copy=True)
         if not given:  # row or block scales of these rows only (chunks are block-aligned)
-            scale[rs.start // b : rs.start // b + math.ceil((rs.stop - rs.start) / b)] = (
-                scale_from_absmax(_chunk_absmax(y, fmt), fmt)
+            _scale_grid(scale, rs, cols, fmt)[0][...] = scale_from_absmax(
+                _chunk_absmax(y, fmt), fmt
             )
         s = _scale_rows(scale, rs, (rows, cols), fmt)
         signal = error = 0.0
@@ -443,22 +449,16 @@ def _map_chunks(fn: Callable[[slice], T], chunks: Iterable[slice], workers: int)
 
 
 @functools.cache
-def _fp8_table(device: torch.device) -> torch.Tensor:
+def _fp8_table() -> torch.Tensor:
     """The float32 value of every E4M3 bit pattern (decoding by table is ~6x faster on CPU)."""
-    return (
-        torch.arange(256, dtype=torch.int32)
-        .to(torch.uint8)
-        .view(torch.float8_e4m3fn)
-        .float()
-        .to(device)
-    )
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 
 def _decode(codes: torch.Tensor) -> torch.Tensor:
     """Codes -> float32 grid values (exact)."""
     if codes.dtype == torch.float8_e4m3fn and codes.device.type == "cpu":
         flat = codes.reshape(-1).view(torch.uint8).int()
-        return torch.index_select(_fp8_table(codes.device), 0, flat).reshape(codes.shape)
+        return torch.index_select(_fp8_table(), 0, flat).reshape(codes.shape)
     return codes.float()
 
 
@@ -480,13 +480,9 @@ def _scale_rows(
     scale: torch.Tensor, rs: slice, shape: tuple[int, int], fmt: Format
 ) -> torch.Tensor:
     """The part of the (expanded) scale that covers rows ``rs``."""
-    if fmt.scaling is Scaling.TENSOR:
-        return scale
-    if fmt.scaling is Scaling.ROW:
-        return scale[rs]
-    b = fmt.block_size
-    assert b is not None
-    block_rows = scale[rs.start // b : math.ceil(rs.stop / b)]
+    if fmt.scaling is not Scaling.BLOCK:
+        return scale if fmt.scaling is Scaling.TENSOR else scale[rs]
+    block_rows, b, _ = _scale_grid(scale, rs, shape[1], fmt)
     sub = expand_scale(block_rows, (block_rows.shape[0] * b, shape[1]), fmt)
     return sub[: rs.stop - rs.start]
 

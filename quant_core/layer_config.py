@@ -29,6 +29,7 @@ Everything is validated when the file is loaded; errors name the file and the ru
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -86,12 +87,11 @@ def parse_format(
     scaling: object = None,
     block_size: object = None,
     where: str,
-    default_scaling: Scaling | None = None,
 ) -> FormatSpec:
     """Validate a format request; ``where`` names the rule or option in errors.
 
-    ``default_scaling`` applies when neither the name nor ``scaling`` fixes it (``None``:
-    inherit later). Raises :class:`ConfigError` for any name we cannot write.
+    A scaling neither the name nor ``scaling`` fixes stays ``None`` (inherited later). Raises
+    :class:`ConfigError` for any name we cannot write.
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: format must be a non-empty string, got {name!r}")
@@ -120,8 +120,6 @@ def parse_format(
     resolved = chosen or implied
     if resolved is None and name == "int8_tensorwise":
         resolved = Scaling.TENSOR
-    if resolved is None:
-        resolved = default_scaling
     if block_size is not None:
         if not isinstance(block_size, int) or isinstance(block_size, bool):
             raise ConfigError(f"{where}: block_size must be an integer, got {block_size!r}")
@@ -144,10 +142,13 @@ class LayerRule:
     spec: FormatSpec | None = None
     rounding: str | None = None
 
+    @functools.cached_property
+    def regex(self) -> re.Pattern[str]:
+        """``pattern`` compiled once (validated by ``_parse_rule``; ``_default`` never matches)."""
+        return re.compile(self.pattern)
+
     def matches(self, layer: str, *, fullmatch: bool) -> bool:
-        if self.pattern is None:
-            return True
-        regex = re.compile(self.pattern)
+        regex = self.regex
         return bool(regex.fullmatch(layer) if fullmatch else regex.search(layer))
 
 

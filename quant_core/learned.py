@@ -291,13 +291,17 @@ class _Search:
         start: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> None:
         self.w, self.s, self.kind, self.obj, self.opt = w, scale, kind, objective, options
-        rtn = round_to_grid(w / scale, kind)
+        scaled = w / scale
+        rtn = round_to_grid(scaled, kind)
         self.rtn_loss = objective.exact_loss(w - rtn * scale)
-        codes, pre = start if start is not None else (rtn, w / scale)
-        self.codes, self.pre = codes.float(), pre.float()
+        codes, pre = start if start is not None else (rtn, scaled)
+        self.codes, pre = codes.float(), pre.float()
         self.grad, group = self._loss(self.codes)
         self.best_codes, self.best_group = self.codes.clone(), group
-        self.start_loss = objective.exact_loss(w - self.codes * scale)
+        # without a start the codes are rtn itself: same loss, no second matmul
+        self.start_loss = (
+            self.rtn_loss if start is None else objective.exact_loss(w - self.codes * scale)
+        )
         dev = w.device
         self.lr = torch.tensor(options.lr, dtype=torch.float64, device=dev)
         self.best_total = group.sum().double()
@@ -314,7 +318,7 @@ class _Search:
             # 1 / (c·s): turns a gradient into the best single-weight move in code units
             self.step_per_grad = (self.curvature * scale).reciprocal()
         else:
-            self.value = self.pre.clone()
+            self.value = pre.clone()
             self.m = torch.zeros_like(self.value)
             self.v = torch.zeros_like(self.value)
             # gradients are scaled by the output energy so that lr means the same for any layer

@@ -21,9 +21,7 @@ import math
 
 import torch
 
-from .formats import Format, Kind, Scaling, round_to_grid
-
-_FLT_TINY = torch.finfo(torch.float32).tiny
+from .formats import Format, Kind, Scaling, absmax_scale, round_to_grid
 
 
 def check_block_linear_args(
@@ -57,11 +55,7 @@ def quantize_activations(
     groups = math.ceil(cols / b)
     xf = torch.nn.functional.pad(x.float(), (0, groups * b - cols)).view(rows, groups, b)
     amax = xf.abs().amax(dim=2)
-    qmax = Format(kind, Scaling.TENSOR).qmax
-    # IEEE division: a device tensor as divisor, since torch on CUDA multiplies by the
-    # reciprocal of a Python-number divisor (which is not always the same float).
-    scale = amax / amax.new_full((), qmax)
-    scale = torch.where(amax > 0, scale, torch.ones_like(amax)).clamp_min(_FLT_TINY)
+    scale = absmax_scale(amax, Format(kind, Scaling.TENSOR).qmax)
     # Codes are x times the (IEEE, correctly rounded) reciprocal of the scale: one multiply
     # per element in the kernels, which run once per forward pass at memory speed (an exact
     # per-element quotient costs them ~4 more FMAs). scale >= the smallest normal float, so

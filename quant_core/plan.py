@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import comfy_quant, dtypes
 from .config import OUTPUT_DTYPES, QuantConfig
@@ -293,14 +293,10 @@ def _calibrated(
             )[-1]
             outputs.append(TensorInfo(*spec))
         out.append(
-            PlanEntry(
-                key=e.key,
-                action=e.action,
+            replace(
+                e,
                 inputs=tuple(inputs),
                 outputs=tuple(outputs),
-                fmt=e.fmt,
-                settings=e.settings,
-                rounding=e.rounding,
                 reason=(e.reason + "; " if e.reason else "") + "calibrated",
                 calibration=key,
             )

@@ -484,11 +484,6 @@ PRESET_BY_NAME: Mapping[str, Preset] = MappingProxyType({p.name: p for p in PRES
 SELECTABLE = tuple(p.name for p in PRESETS if p.selectable)
 
 
-def preset(name: str) -> Preset:
-    """The preset called ``name`` (``KeyError`` if there is none)."""
-    return PRESET_BY_NAME[name]
-
-
 def readable(regex: str) -> str:
     """A table regex as help text: the names :func:`seg`/:func:`start` built it from, else
     the regex itself (``img_in, txt_in``; ``keys starting blocks.0``; ``/^__\\w+__$/``)."""

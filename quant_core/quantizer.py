@@ -211,7 +211,7 @@ def _guard(
         extra["guard_on"] = "weight error (no statistics)"
     else:
         extra["guard_on"] = "held-out rows" if stats.check is not None else "fit rows"
-    margin = _db(energies.rtn, energies.learned)
+    margin = formats.sqnr_db(energies.rtn, energies.learned)
     extra["guard_margin_db"] = margin
     better = energies.learned < energies.rtn
     extra["kept"] = "learned" if better else "nearest"
@@ -275,11 +275,3 @@ def _weight_sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """Weight SQNR over the whole tensor (float64 sums; two host reads, whatever the size)."""
     wd = w.double()
     return formats.sqnr_db(float((wd * wd).sum()), float(((wd - w_hat.double()) ** 2).sum()))
-
-
-def _db(reference: float, value: float) -> float:
-    if value <= 0:
-        return math.inf
-    if reference <= 0:
-        return -math.inf
-    return 10.0 * math.log10(reference / value)

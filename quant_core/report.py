@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .plan import Action, Plan, PlanEntry
-from .writer import layout
+from .writer import file_size
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Report:
             layers=[LayerReport.from_entry(e) for e in plan.entries],
             notes=list(plan.notes),
             dry_run=dry_run,
-            file_bytes=_file_bytes(plan),
+            file_bytes=file_size(plan.outputs, plan.metadata),
         )
 
     @property
@@ -189,12 +189,6 @@ class Report:
         lines.append(("dry run: result " if self.dry_run else "result ") + self.loadability())
         lines += self.notes
         return "\n".join(lines)
-
-
-def _file_bytes(plan: Plan) -> int:
-    """Exact output size: the writer's header plus every tensor's bytes."""
-    header, offsets = layout(plan.outputs, plan.metadata)
-    return len(header) + sum(end - begin for begin, end in offsets.values())
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import dtypes
+from . import comfy_quant, dtypes
+from .comfy_quant import WEIGHT_SUFFIX
 from .detect import (
     CLIP,
     DIFFUSERS,
@@ -44,7 +45,6 @@ MATMUL_ALIGNMENT = 16
 HEUR_MIN_WEIGHTS = 1 << 16
 # --heur: a thinner matrix than this is a memory-bound matmul dominated by its activations.
 HEUR_MAX_ASPECT = 16
-WEIGHT_SUFFIX = ".weight"
 
 
 class Tier(str, enum.Enum):
@@ -149,7 +149,7 @@ class RuleOptions:
         if self.fallback is None:
             return None
         spec = parse_format(self.fallback, where="--fallback")
-        kind = spec.kind or Kind.FP8
+        kind = spec.kind
         scaling = spec.scaling or (Scaling.TENSOR if kind is Kind.FP8 else Scaling.ROW)
         if scaling is Scaling.BLOCK:
             raise ConfigError(
@@ -217,7 +217,7 @@ def layer_config_template(
     decisions = decide_all(source_name, infos, config)
     fixed = {Tier.DROP, Tier.STRUCTURE, Tier.PROTECT}
     layers = [
-        TemplateLayer(key[: -len(WEIGHT_SUFFIX)], infos[key].shape, d.fmt, d.rounding, d.reason)
+        TemplateLayer(comfy_quant.layer_name(key), infos[key].shape, d.fmt, d.rounding, d.reason)
         for key, d in decisions.by_key.items()
         if d.tier not in fixed
     ]
@@ -259,7 +259,6 @@ def _refuse_unloadable(source_name: str, detection: Detection) -> None:
 class _Compiled:
     """One component's rules as compiled regexes: (regex, reason) in precedence order."""
 
-    preset: Preset
     protect: tuple[tuple[re.Pattern[str], str], ...]
     keep: tuple[tuple[re.Pattern[str], str], ...]
     drop: tuple[tuple[re.Pattern[str], str], ...]
@@ -278,7 +277,7 @@ class _Resolver:
         self.preset_names: dict[str, str] = {}
         self.compiled: dict[str, _Compiled] = {}
         lc = self.options.layer_config
-        self.fullmatch = self.options.fullmatch or (lc is not None and lc.fullmatch)
+        self.fullmatch = self.options.fullmatch  # first_match ORs in the file's own setting
         self.default_fmt, self.default_rounding = self.primary, config.rounding
         if lc is not None and lc.default is not None and not lc.default.skip:
             self.default_fmt, self.default_rounding = self._rule_format(lc.default)
@@ -347,7 +346,7 @@ class _Resolver:
         structural = _structure_problem(info, key)
         if structural is not None:
             return self._keep(structural, Tier.STRUCTURE, rules, rel, info)
-        layer = key[: -len(WEIGHT_SUFFIX)]
+        layer = comfy_quant.layer_name(key)
         why = _first(rules.protect, rel)
         if why is not None:
             self._note_user_rule_on_protected(layer)
@@ -502,7 +501,6 @@ def _compile_preset(preset: Preset, component: Component) -> _Compiled:
             regex = rf"^{re.escape(spec.prefix)}\.(?:{alternatives})\."
             edge.append((re.compile(regex), f"{own}: {spec.why}"))
     return _Compiled(
-        preset=preset,
         protect=(*pats(BASE.protect, "base"), *extra_protect),
         keep=(*pats(BASE.keep, "base"), *extra_keep, *edge),
         drop=pats(preset.drop, own),

@@ -55,6 +55,15 @@ def layout(
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+def file_size(tensors: Iterable[TensorInfo], metadata: Mapping[str, str] | None = None) -> int:
+    """Exact size of the file these tensors are written to: header plus every tensor's bytes."""
+    return _size(*layout(tensors, metadata))
+
+
+def _size(header: bytes, offsets: Mapping[str, tuple[int, int]]) -> int:
+    return len(header) + sum(end - begin for begin, end in offsets.values())
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
@@ -102,7 +111,7 @@ class StreamingWriter:
 
     @property
     def total_bytes(self) -> int:
-        return len(self._header) + sum(end - begin for begin, end in self._offsets.values())
+        return _size(self._header, self._offsets)
 
     def __enter__(self) -> StreamingWriter:
         try:

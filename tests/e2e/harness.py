@@ -79,6 +79,13 @@ def comfy_env() -> tuple[Path, Path] | None:
     return (Path(d), Path(py)) if d and py else None
 
 
+def user_env() -> dict[str, str]:
+    """This process's environment without the suite's Triton CPU interpreter: child processes
+    (ComfyUI, our CLI) run as a user's would (tests/conftest.py sets TRITON_INTERPRET=1 for the
+    kernel tests, and it is inherited)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +100,7 @@ def make_random_model(kind: str, out: Path, *, seed: int = 0, hidden: int = 128)
     subprocess.run(
         [str(env[1]), str(HERE / "make_random_model.py"), kind, str(out), "--seed", str(seed),
          "--hidden", str(hidden)],
-        check=True, capture_output=True, env={**os.environ, "COMFYUI_DIR": str(env[0])},
+        check=True, capture_output=True, env={**user_env(), "COMFYUI_DIR": str(env[0])},
     )  # fmt: skip
     return out
 
@@ -156,11 +163,8 @@ class ComfyServer:
         ]  # fmt: skip
         started = time.monotonic()
         log = open(self.root / "server.log", "wb")
-        # The server runs as a user's would: not with the test suite's Triton CPU interpreter
-        # (tests/conftest.py sets TRITON_INTERPRET=1 for the kernel tests, and it is inherited).
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         self._proc = subprocess.Popen(
-            cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env
+            cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=user_env()
         )
         deadline = started + 90
         while time.monotonic() < deadline:
@@ -317,8 +321,7 @@ def read_latent(server: ComfyServer, prefix: str) -> Any:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run our CLI in this test interpreter's environment."""
-    # As a user runs it: without the suite's TRITON_INTERPRET=1 (see ComfyServer.__enter__).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, "-m", "comfyui_quantizer", *args], capture_output=True, text=True, env=env
-    )
+        [sys.executable, "-m", "comfyui_quantizer", *args],
+        capture_output=True, text=True, env=user_env(),
+    )  # fmt: skip

@@ -19,6 +19,8 @@ from types import ModuleType
 from comfyui_quantizer.quant_core import SafetensorsSource
 from comfyui_quantizer.quant_core.detect import detect
 
+from .harness import user_env
+
 # our architecture -> what ComfyUI's detection must say (image_model plus telling fields)
 DIFFUSION = {
     "flux1-dev": {"image_model": "flux", "guidance_embed": True},
@@ -91,6 +93,7 @@ def test_detection_agrees_with_comfyui(
         capture_output=True,
         text=True,
         timeout=300,
+        env=user_env(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))

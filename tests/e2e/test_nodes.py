@@ -32,10 +32,10 @@ TAGS = {"fp8 tensor": "fp8", "int8 row": "int8row"}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def models(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
     return {
-        "tiny": make_tiny_flux(folder / "tiny_flux.safetensors"),
+        "tiny": tiny_flux,  # conftest.py
         # Large enough (about 5 s of work on CPU) to press Cancel halfway through.
         "slow": make_tiny_flux(folder / "slow_flux.safetensors", hidden=512, seed=1),
     }

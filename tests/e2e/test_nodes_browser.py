@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .harness import REPO, ComfyServer, make_tiny_flux
+from .harness import REPO, ComfyServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLE = REPO / "example_workflows" / "quantize_model.json"
@@ -44,15 +44,14 @@ def example_model_name() -> str:
 
 
 @pytest.fixture(scope="module")
-def page_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def page_run(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Open the page, load the example workflow, queue it, and read the node's DOM."""
     assert sync_playwright is not None
     folder = tmp_path_factory.mktemp("browser")
-    flux = make_tiny_flux(folder / "tiny_flux.safetensors")
     console: list[dict[str, str]] = []
     with ComfyServer() as server, sync_playwright() as pw:
         # The example runs as shipped: the tiny Flux stands in for the model it names.
-        shutil.copy(flux, server.folder("diffusion_models") / example_model_name())
+        shutil.copy(tiny_flux, server.folder("diffusion_models") / example_model_name())
         # Playwright gives the browser a fresh temporary profile.
         browser = pw.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS

@@ -22,7 +22,7 @@ from comfyui_quantizer.nodes.layout_math import format_for
 from comfyui_quantizer.quant_core import formats
 from comfyui_quantizer.quant_core.comfy_quant import QUANT_METADATA_KEY, decode_settings
 
-from .harness import REPO, ComfyServer, cli, comfy_env, make_tiny_flux, read_latent, sample_graph
+from .harness import REPO, ComfyServer, cli, comfy_env, read_latent, sample_graph, user_env
 
 # name -> CLI flags. Block 48 does not divide the tiny Flux's 128-wide layers: padded grids.
 PACK_FILES = {
@@ -107,9 +107,9 @@ def saved_file(server: ComfyServer, prefix: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def files(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pack")
-    out = {"bf16": make_tiny_flux(root / "tiny_flux.safetensors")}
+    out = {"bf16": tiny_flux}  # conftest.py
     for name, flags in PACK_FILES.items():
         dest = root / f"tiny_{name}.safetensors"
         done = cli("-i", str(out["bf16"]), "-o", str(dest), *flags, "--no-progress")
@@ -282,8 +282,9 @@ def test_registration_keeps_comfyui_formats_and_is_idempotent(tmp_path: Path) ->
     script = tmp_path / "in_process.py"
     script.write_text(IN_PROCESS)
     done = subprocess.run(
-        [str(env[1]), str(script), str(REPO), str(env[0])], capture_output=True, text=True
-    )
+        [str(env[1]), str(script), str(REPO), str(env[0])],
+        capture_output=True, text=True, env=user_env(),
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["wraps_stock_once"], got

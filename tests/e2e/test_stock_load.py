@@ -7,19 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ComfyServer, cli, make_tiny_flux, read_latent, sample_graph
+from .harness import ComfyServer, cli, read_latent, sample_graph
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny_flux.safetensors")
-
-
-@pytest.fixture(scope="module")
-def quantized(tiny_flux: Path) -> dict[str, Path]:
+def quantized(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("stock")  # tiny_flux (conftest.py) is shared: read only
     out = {}
     for name, flags in {"fp8": [], "int8row": ["--int8", "--scaling-mode", "row"]}.items():
-        dest = tiny_flux.with_name(f"tiny_flux_{name}.safetensors")
+        dest = folder / f"tiny_flux_{name}.safetensors"
         done = cli("-i", str(tiny_flux), "-o", str(dest), *flags)
         assert done.returncode == 0, done.stderr
         out[name] = dest
