@@ -59,7 +59,7 @@ def summary_payload(node: str, report: Report) -> dict[str, object]:
         "bytes_before": report.bytes_before,
         "bytes_after": report.bytes_after,
         "quantized_layers": len(quantized),
-        "kept_tensors": len(report.layers) - len(quantized),
+        "kept_tensors": report.kept_tensors,
         "mean_output_sqnr_db": _db(report.mean_output_sqnr_db),
         "mean_weight_sqnr_db": _db(report.mean_weight_sqnr_db),
         "stock_loadable": report.stock_loadable,

@@ -86,6 +86,11 @@ class Report:
         return [r for r in self.layers if r.action == Action.QUANTIZE.value]
 
     @property
+    def kept_tensors(self) -> int:
+        """Tensors copied unquantized (dropped ones are not kept)."""
+        return sum(r.action == Action.KEEP.value for r in self.layers)
+
+    @property
     def bytes_before(self) -> int:
         return sum(r.bytes_before for r in self.layers)
 
@@ -107,7 +112,7 @@ class Report:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "quantized_layers": len(self.quantized),
-            "kept_tensors": sum(r.action == Action.KEEP.value for r in self.layers),
+            "kept_tensors": self.kept_tensors,
             "mean_weight_sqnr_db": self.mean_weight_sqnr_db,
             "mean_output_sqnr_db": self.mean_output_sqnr_db,
         }
@@ -168,9 +173,8 @@ class Report:
 
     def summary(self) -> str:
         """A few lines: sizes, layer counts, mean SQNR, loadability."""
-        kept = sum(r.action == Action.KEEP.value for r in self.layers)
         parts = [
-            f"{len(self.quantized)} layers quantized, {kept} tensors kept",
+            f"{len(self.quantized)} layers quantized, {self.kept_tensors} tensors kept",
             f"size {self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB",
         ]
         if self.mean_weight_sqnr_db is not None:

@@ -32,6 +32,7 @@ from comfyui_quantizer.quant_core import (
     LayerReport,
     Progress,
     QuantConfig,
+    dry_run,
 )
 
 from ..conftest import tiny_transformer
@@ -322,3 +323,16 @@ def test_calibration_of_a_module_that_never_ran_is_an_error(tmp_path: Path) -> N
     with pytest.raises(InputError, match="nothing recorded"):
         record_calibration(net, lambda: None, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_node_summary_counts_kept_tensors_as_the_report_does(write_model, tiny_archs) -> None:
+    """A T5-XXL with its decoder: the preset drops the decoder, and dropped tensors are not
+    'kept' in the node's summary any more than in the CLI report."""
+    path = write_model(tiny_archs.BUILDERS["t5-xxl"]())
+    with ModelFile(path, ModelType.TEXT_ENCODER).open() as source:
+        report = dry_run(source, QuantConfig())
+    dropped = sum(r.action == "drop" for r in report.layers)
+    assert dropped > 0
+    summary = events.summary_payload("1", report)
+    assert summary["kept_tensors"] == report.to_dict()["summary"]["kept_tensors"]  # type: ignore[index]
+    assert summary["kept_tensors"] == len(report.layers) - len(report.quantized) - dropped
