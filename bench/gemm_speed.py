@@ -22,9 +22,7 @@ a table with the card's name last.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -35,7 +33,16 @@ from pathlib import Path
 
 import torch
 import triton
-from gpu_timing import DEV, bench_graph, bench_stream, randn, rel, same_bits
+from gpu_timing import (
+    DEV,
+    bench_graph,
+    bench_stream,
+    randn,
+    rel,
+    same_bits,
+    start_precompile,
+    wait_precompile,
+)
 from gpu_timing import bench as _bench
 
 from comfyui_quantizer.kernels import block_gemm
@@ -198,26 +205,12 @@ def _warm(job: tuple[str, str, str]) -> str:
         return f"{job}: FAILED {type(exc).__name__}: {str(exc)[:300]}"
 
 
-def start_precompile(workers: int) -> concurrent.futures.Future | None:
+def precompile_jobs() -> list[tuple[str, str, str]]:
     jobs = [("full", k, "default") for k in ("int8", "fp8")]
     jobs += [("act", k, n) for k in ("int8", "fp8") for n in ACT_CONFIGS]
     jobs += [("gemm", "int8", n) for n in INT8_CONFIGS]
     jobs += [("gemm", "fp8", n) for n in FP8_CONFIGS]
-    pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn")
-    )
-    futures = [pool.submit(_warm, job) for job in jobs]
-    pool.shutdown(wait=False)
-    log(f"precompile: {len(jobs)} jobs on {workers} workers")
-    return futures  # type: ignore[return-value]
-
-
-def wait_precompile(futures) -> None:
-    for fut in futures:
-        try:
-            log(f"precompiled {fut.result(timeout=240)}")
-        except Exception as exc:
-            log(f"!! precompile: {exc!r}"[:300])
+    return jobs
 
 
 # ------------------------------------------------------------------------------ checks
@@ -640,7 +633,7 @@ def main() -> int:
     if args.cpu_smoke:
         cpu_smoke()
         args.workers, args.no_flux = 0, True
-    futures = start_precompile(args.workers) if args.workers > 0 else []
+    futures = start_precompile(_warm, precompile_jobs(), args.workers) if args.workers > 0 else []
     if DEV.type == "cuda":
         guarded("env", env, budget)
     guarded("check activations", check_activations, budget)

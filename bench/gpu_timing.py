@@ -6,7 +6,9 @@ path); never installed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import multiprocessing
 from collections.abc import Callable, Sequence
 
 import torch
@@ -77,3 +79,25 @@ def bench_graph(fn: Callable[..., object], sets: Sequence[tuple], n: int = 12) -
             fn(*st)
         graphs.append(graph)
     return bench_stream(lambda g: g.replay(), [(g,) for g in graphs], n)
+
+
+def start_precompile(
+    worker: Callable[[tuple], str], jobs: Sequence[tuple], workers: int
+) -> list[concurrent.futures.Future]:
+    """Run ``worker(job)`` for every job in spawned processes (each compiles Triton kernels by
+    launching them; Triton's disk cache is shared), while the caller goes on checking."""
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+    )
+    futures = [pool.submit(worker, job) for job in jobs]
+    pool.shutdown(wait=False)
+    print(f"precompile: {len(jobs)} jobs on {workers} workers", flush=True)
+    return futures
+
+
+def wait_precompile(futures: Sequence[concurrent.futures.Future]) -> None:
+    for fut in futures:
+        try:
+            print(f"precompiled {fut.result(timeout=240)}", flush=True)
+        except Exception as exc:
+            print(f"!! precompile: {exc!r}"[:300], flush=True)

@@ -27,7 +27,17 @@ from pathlib import Path
 
 import torch
 import triton
-from gpu_timing import DEV, bench, bench_graph, bench_stream, randn, rel, same_bits
+from gpu_timing import (
+    DEV,
+    bench,
+    bench_graph,
+    bench_stream,
+    randn,
+    rel,
+    same_bits,
+    start_precompile,
+    wait_precompile,
+)
 
 from comfyui_quantizer.kernels import block_gemm
 from comfyui_quantizer.kernels import quantize as kquant
@@ -58,11 +68,28 @@ INT8_CONFIGS = {
 FP8_CONFIGS = {
     "default": None,
 }
-QUANT_LAUNCH = {  # scaling -> {name: launcher kwargs}
-    "row": {"w4": {"num_warps": 4}, "w8": {"num_warps": 8}},
-    "block": {"w4": {"num_warps": 4}, "w8": {"num_warps": 8}, "w16": {"num_warps": 16}},
-    "tensor": {"default": {}},
+WC = kquant.WeightConfig
+QUANT_LAUNCH: dict[str, dict[str, kquant.WeightConfig]] = {  # scaling -> {name: config}
+    # Swept on an H200 (bench/KERNELS_NOTES.md, run 6); the rest of that sweep was slower.
+    "row": {
+        "default": WC(),
+        "sweep-w4": WC(row_tile=0, num_warps=4),
+        "sweep-w8": WC(row_tile=0, num_warps=8),
+        "whole-w16": WC(row_tile=1, num_warps=16),
+        "whole2-w8": WC(row_tile=2, num_warps=8),
+    },
+    "block": {
+        "default": WC(),
+        "g1w8": WC(num_warps=8),
+        "g2w16": WC(groups=2, num_warps=16),
+        "g1s32w8": WC(sub_rows=32, num_warps=8),
+    },
+    "tensor": {
+        "default": WC(),
+        "c16384w16": WC(chunk=16384, num_warps=16),
+    },
 }
+GRID_FP8 = WC(hw_fp8=False)  # FP8 rounded on the grid in integer arithmetic (the CPU tests' path)
 ACT_LAUNCH = {  # name -> kernels.quantize.ActConfig (None: the default launch shape)
     "default": None,
     "r32g1w4": kquant.ActConfig(32, 1, 4),
@@ -98,6 +125,27 @@ def timing(name: str, ms: float, **info: object) -> None:
     log(f"time {name}: {ms * 1e3:.1f} us {info}")
 
 
+def _quantize_configs(fmt: Format) -> dict[str, kquant.WeightConfig]:
+    configs = dict(QUANT_LAUNCH[fmt.scaling.value])
+    if fmt.kind is Kind.FP8:
+        configs["grid-fp8"] = GRID_FP8
+    return configs
+
+
+def _warm_quantize(job: tuple[int, str]) -> str:
+    """Worker: compile one weight-quantize launch shape for this run's shapes."""
+    index, name = job
+    fmt = FORMATS[index]
+    t0 = time.perf_counter()
+    try:
+        for shape in [WEIGHT_SHAPES[0], ODD_SHAPE]:
+            kquant.quantize(randn(*shape, std=0.02), fmt, config=_quantize_configs(fmt)[name])
+        torch.cuda.synchronize()
+        return f"{fmt.label} {name}: {time.perf_counter() - t0:.1f}s"
+    except Exception as exc:
+        return f"{fmt.label} {name}: FAILED {type(exc).__name__}: {str(exc)[:300]}"
+
+
 def check_quantize() -> None:
     """Bit-exact against the CPU reference (the spec: IEEE division); also counts how many
     scales torch's own CUDA run of ``formats.quantize`` gets differently (see notes)."""
@@ -115,8 +163,10 @@ def check_quantize() -> None:
             ok_codes = same_bits(codes.cpu(), r_codes)
             ok_scale = same_bits(scale.cpu(), r_scale)
             ok_deq = same_bits(deq.cpu(), r_deq)
-            if fmt.kind is Kind.FP8:  # the sign-source variant (see KERNELS_NOTES.md)
-                alt = kquant.quantize(w, fmt, sign_from_x=False)[0]
+            if fmt.kind is Kind.FP8:  # the grid-rounding path (the CPU tests') must agree too
+                grid = kquant.quantize(w, fmt, config=GRID_FP8)[0]
+                alt = kquant.quantize(w, fmt, config=WC(hw_fp8=False, sign_from_x=False))[0]
+                ok_codes = ok_codes and same_bits(grid.cpu(), r_codes)
                 info_alt = {"sign_from_q_variant_codes_ok": same_bits(alt.cpu(), r_codes)}
             else:
                 info_alt = {}
@@ -151,6 +201,22 @@ def check_quantize() -> None:
             check(f"NaN raises {fmt.label}", False)
         except formats.NonFiniteWeightError:
             check(f"NaN raises {fmt.label}", True)
+
+
+def check_quantize_launches() -> None:
+    """Every swept launch shape gives the default's bits (the default is checked against the
+    CPU reference above), at the DiT sizes the timings use and on a ragged shape."""
+    for shape in [*WEIGHT_SHAPES, ODD_SHAPE]:
+        w = randn(*shape, std=0.02)
+        for fmt in FORMATS:
+            want_codes, want_scale = kquant.quantize(w, fmt)
+            configs = _quantize_configs(fmt)
+            bad = []
+            for name, cfg in configs.items():
+                codes, scale = kquant.quantize(w, fmt, config=cfg)
+                if not (same_bits(codes, want_codes) and same_bits(scale, want_scale)):
+                    bad.append(name)
+            check(f"launch shapes {fmt.label} {shape}: same bits", not bad, differ=bad)
 
 
 def check_activations() -> None:
@@ -215,27 +281,40 @@ def check_gemm() -> None:
 
 
 def time_quantize() -> None:
+    """``of copy``: (bytes read once + written) / time over the copy's (read + write) / time.
+    Per-tensor scales read the input twice (absmax pass, then codes): ``of copy, 2 reads``
+    counts what those kernels really move."""
     for rows, cols in WEIGHT_SHAPES:
         sets = [(randn(rows, cols, std=0.02), randn(rows, cols)) for _ in range(3)]
         copy_ms = bench(lambda src, dst: dst.copy_(src), sets)
         nbytes = rows * cols * 2
         copy_bw = 2 * nbytes / copy_ms / 1e9
         timing(f"copy bf16 {rows}x{cols}", copy_ms, tbps=round(copy_bw, 3))
+        casts = [(s[0], torch.empty(rows, cols, dtype=torch.int8, device=DEV)) for s in sets]
+        ms = bench(lambda src, dst: dst.copy_(src), casts)
+        bw = (nbytes + rows * cols) / ms / 1e9
+        timing(f"torch cast bf16->int8 (no math) {rows}x{cols}", ms, of_copy=round(bw / copy_bw, 3))
         for fmt in FORMATS:
             scale_bytes = 4 * math.prod(fmt.scale_shape((rows, cols)))
             moved = nbytes + rows * cols + scale_bytes
-            for name, kw in QUANT_LAUNCH[fmt.scaling.value].items():
+            for name, cfg in _quantize_configs(fmt).items():
                 try:
-                    ms = bench(lambda w, _, fmt=fmt, kw=kw: kquant.quantize(w, fmt, **kw), sets)
+                    ms = bench(
+                        lambda w, _, fmt=fmt, cfg=cfg: kquant.quantize(w, fmt, config=cfg), sets
+                    )
                 except Exception as exc:
                     log(f"!! quantize {fmt.label} [{name}]: {exc!r}"[:300])
                     continue
                 bw = moved / ms / 1e9
+                extra = {}
+                if fmt.scaling is Scaling.TENSOR:
+                    extra["of_copy_2_reads"] = round((moved + nbytes) / ms / 1e9 / copy_bw, 3)
                 timing(
                     f"quantize {fmt.label} {rows}x{cols} [{name}]",
                     ms,
                     tbps=round(bw, 3),
                     of_copy=round(bw / copy_bw, 3),
+                    **extra,
                 )
             ms = bench(lambda w, _, fmt=fmt: dispatch.quantize(w, fmt), sets)
             timing(
@@ -452,6 +531,7 @@ def cpu_smoke() -> int:
     GEMM_SHAPES, ODD_GEMM = [(64, 256, 256)], (40, 200, 136)
     ACT_ROWS, ACT_KS = 40, (256, 200)
     guarded("check quantize", check_quantize)
+    guarded("check quantize launches", check_quantize_launches)
     guarded("check activations", check_activations)
     guarded("check gemm", check_gemm)
     summary()
@@ -462,6 +542,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one GEMM config per kind")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--quantize-only", action="store_true", help="no GEMM sections")
+    parser.add_argument("--workers", type=int, default=14, help="precompile processes (0: none)")
     parser.add_argument(
         "--cpu-smoke", action="store_true", help="checks only, tiny shapes, Triton interpreter"
     )
@@ -470,12 +552,22 @@ def main() -> int:
     if args.cpu_smoke:
         return cpu_smoke()
     guarded("env", env)
+    jobs = [(i, name) for i, fmt in enumerate(FORMATS) for name in _quantize_configs(fmt)]
+    futures = start_precompile(_warm_quantize, jobs, args.workers) if args.workers else []
     if not args.skip_checks:
         guarded("check quantize", check_quantize)
+        guarded("check quantize launches", check_quantize_launches)
         guarded("check activations", check_activations)
         guarded("check gemm", check_gemm)
+    wait_precompile(futures)
     guarded("time quantize", time_quantize)
+    if args.quantize_only:
+        return finish()
     guarded("time gemm", lambda: time_gemm(args.quick))
+    return finish()
+
+
+def finish() -> int:
     out = Path(os.environ.get("OUT", "/tmp")) / "kernels.json"
     out.write_text(json.dumps(RESULTS, indent=1))
     summary()

@@ -2,31 +2,33 @@
 
 Launchers mirror ``quant_core.formats.quantize`` (same signature, bit-identical codes and scales):
 
-- per-row (FP8, INT8): one program per row, two sweeps over the row; the second sweep reads
-  the row back from L2 (a row is at most a few tens of KB), so DRAM sees the row once.
-- per-block ``B x B`` (FP8, INT8): one program per tile held in registers; a single DRAM read
-  of the input and a single write of codes and scales.
+- per-row (FP8, INT8): rows of up to 16384 elements are held whole in registers, one program
+  per row (or several short rows): one DRAM read, one write. Longer rows: two sweeps per row,
+  the second one reading the row back from L2.
+- per-block ``B x B`` (FP8, INT8): one program per block held in registers.
 - per ``1 x B`` along K (activations, ``quantize_activations``): one program per tile of rows x
-  several groups, codes = x times the reciprocal of the scale (``matmul.quantize_activations``),
-  the hardware FP8 cast on CUDA. 85-94 % of a device-to-device copy on an H200.
+  several groups, codes = x times the reciprocal of the scale (``matmul.quantize_activations``).
 - per-tensor (FP8, INT8): an absmax pass, then a quantize pass (the amax of the whole tensor
   must be known before the first code). The quantize pass walks the tensor backwards, so its
   first reads hit what the absmax pass left in L2.
 
 Memory traffic, bf16 weight ``[R, C]``: 2·R·C bytes read + R·C written (+ scales), i.e. 3 bytes
-per element, the floor for an I/O-bound conversion; per-tensor reads up to 2 bytes more.
+per element, the floor for an I/O-bound conversion; per-tensor reads the input twice.
 
 Exactness (weights): the reference's math, in float32: ``scale = amax / qmax`` with IEEE division
 (``div_rn``), ``w / scale`` correctly rounded (reciprocal + two exact FMA corrections, cheaper
-than a division per element), round-half-to-even by adding a power of two, and FP8 values put
-on the E4M3 grid *before* the cast (Triton's interpreter does not round FP8 casts to
-nearest-even; on the grid every cast is exact). NaN/Inf propagate into the scale, so the
+than a division per element), round-half-to-even. FP8 codes: on CUDA the hardware's
+round-to-nearest-even, saturating conversion; in Triton's interpreter (which does not round FP8
+casts to nearest-even) the values are first put on the E4M3 grid with integer arithmetic, so
+every cast is exact. Both give the reference's bits. NaN/Inf propagate into the scale, so the
 caller sees a non-finite scale and raises like the reference.
 
-Cost: 3 bytes per element at ~3.8 TB/s leaves ~25 instructions per element on an H200, so
-the per-element math matters (a per-element IEEE division alone was half of that budget).
-Measured on an H200 (bench/KERNELS_NOTES.md): 57-77 % of a device-to-device copy for row and
-block scales, 42-54 % for per-tensor (two passes), dequantize 85-88 %.
+Cost: 3 bytes per element at ~3.8 TB/s leaves ~30 instructions per element on an H200, and the
+exact quotient takes 6 of the ~20 these kernels issue per element. Measured on an H200
+(bench/KERNELS_NOTES.md, run 6): 72-78 % of a device-to-device copy for row and block scales,
+FP8 as fast as INT8; per-tensor 53-56 % counting one read of the input, 89-93 % counting the
+two it makes; dequantize 89-90 %. The activation quantizer, whose spec multiplies by the
+reciprocal instead, reaches 85-94 %.
 
 Nothing is compiled at import; each kernel compiles on first launch for its constexprs.
 """
@@ -76,7 +78,7 @@ def _division_setup(scale):
 
 
 @triton.jit
-def _encode(x, k, s, inv, FP8: tl.constexpr, SIGN_FROM_X: tl.constexpr):
+def _encode(x, k, s, inv, FP8: tl.constexpr, SIGN_FROM_X: tl.constexpr, HW_FP8: tl.constexpr):
     """float32 ``x / scale`` rounded onto the code grid, as codes (int8 or e4m3).
 
     ``x / scale`` is the IEEE quotient without a division per element: with ``xs = x * k``
@@ -88,6 +90,10 @@ def _encode(x, k, s, inv, FP8: tl.constexpr, SIGN_FROM_X: tl.constexpr):
     q = xs * inv
     q = tl.fma(tl.fma(-q, s, xs), inv, q)
     q = tl.fma(tl.fma(-q, s, xs), inv, q)
+    if FP8 and HW_FP8:
+        # The corrections turn a -0.0 input into q = +0.0; the quotient has the sign of x.
+        q_bits = q.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & -2147483648)
+        return _to_code(q_bits.to(tl.float32, bitcast=True), q, FP8, True)
     # The sign of x: the corrections turn a -0.0 input into q = +0.0.
     sign_src = x if SIGN_FROM_X else q
     return _to_code(q, sign_src, FP8, False)
@@ -136,7 +142,7 @@ def _absmax_atomic_kernel(x_ptr, amax_bits_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def _quantize_tensor_kernel(
     x_ptr, codes_ptr, amax_bits_ptr, scale_ptr, n, BLOCK: tl.constexpr, FP8: tl.constexpr,
-    QMAX: tl.constexpr, SIGN_FROM_X: tl.constexpr,
+    QMAX: tl.constexpr, SIGN_FROM_X: tl.constexpr, HW_FP8: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: every program derives the same scale from the amax; the first one stores it.
     Programs run back to front, so the first reads hit what pass 1 left in L2."""
@@ -147,7 +153,7 @@ def _quantize_tensor_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(codes_ptr + offs, _encode(x, k, s, inv, FP8, SIGN_FROM_X), mask=mask)
+    tl.store(codes_ptr + offs, _encode(x, k, s, inv, FP8, SIGN_FROM_X, HW_FP8), mask=mask)
 
 
 @triton.jit
@@ -162,8 +168,10 @@ def _quantize_rows_kernel(
     FP8: tl.constexpr,
     QMAX: tl.constexpr,
     SIGN_FROM_X: tl.constexpr,
+    HW_FP8: tl.constexpr,
 ):
-    """One row per program: absmax sweep, scale, then a quantize sweep (row re-read from L2)."""
+    """Rows too long for registers: one row per program, an absmax sweep, the scale, then a
+    quantize sweep (the row re-read from L2)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     c_row = codes_ptr + row * stride_c
@@ -178,40 +186,94 @@ def _quantize_rows_kernel(
     for start in range(0, n_cols, BLOCK_C):
         mask = start + cols < n_cols
         x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(c_row + start + cols, _encode(x, k, s, inv, FP8, SIGN_FROM_X), mask=mask)
+        codes = _encode(x, k, s, inv, FP8, SIGN_FROM_X, HW_FP8)
+        tl.store(c_row + start + cols, codes, mask=mask)
 
 
 @triton.jit
-def _quantize_groups_kernel(
+def _quantize_tile_kernel(
     x_ptr,
     codes_ptr,
     scale_ptr,
     n_rows,
     n_cols,
+    n_groups,
     stride_x,
     stride_c,
-    stride_s_row,
-    stride_s_col,
+    stride_s,
     TILE_R: tl.constexpr,
+    GROUPS: tl.constexpr,
     TILE_C: tl.constexpr,
+    SUB_R: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    EVEN: tl.constexpr,
     FP8: tl.constexpr,
     QMAX: tl.constexpr,
     SIGN_FROM_X: tl.constexpr,
+    HW_FP8: tl.constexpr,
 ):
-    """One ``TILE_R x TILE_C`` weight block per program, held in registers; scale index
-    ``[row_block, col_block]``."""
+    """One program: ``TILE_R`` rows x ``GROUPS`` consecutive column groups of ``TILE_C``,
+    addressed as ``[rows, GROUPS, TILE_C]`` (no reshape: each row is one contiguous run).
+
+    ``PER_ROW``: one scale per row (the grid's column dimension is 1 and the groups cover the
+    row), stored at ``scale[row]``. Else one scale per ``TILE_R x TILE_C`` block, stored at
+    ``scale[pid_r * stride_s + group]``. ``SUB_R < TILE_R`` (blocks only): the block is read in
+    ``SUB_R``-row slices twice -- absmax, then codes (the re-read hits L2) -- in fewer
+    registers. ``EVEN``: every tile is full, no masks.
+    """
     pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r.to(tl.int64) * TILE_R + tl.arange(0, TILE_R)
-    cols = pid_c * TILE_C + tl.arange(0, TILE_C)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    scale = _scale_from_amax(tl.max(tl.max(_abs_bits(x), 1), 0).to(tl.float32, bitcast=True), QMAX)
-    tl.store(scale_ptr + pid_r * stride_s_row + pid_c * stride_s_col, scale)
-    k, s, inv = _division_setup(scale)
-    codes = _encode(x, k, s, inv, FP8, SIGN_FROM_X)
-    tl.store(codes_ptr + rows[:, None] * stride_c + cols[None, :], codes, mask=mask)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = groups[None, :, None] * TILE_C + tl.arange(0, TILE_C)[None, None, :]
+    if SUB_R == TILE_R:
+        rows = pid_r.to(tl.int64) * TILE_R + tl.arange(0, TILE_R)
+        offs = rows[:, None, None] * stride_x + cols
+        c_offs = rows[:, None, None] * stride_c + cols
+        if EVEN:
+            x = tl.load(x_ptr + offs).to(tl.float32)
+        else:
+            mask = (rows[:, None, None] < n_rows) & (cols < n_cols)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        bits = _abs_bits(x)
+        if PER_ROW:
+            scale = _scale_from_amax(tl.max(tl.max(bits, 2), 1).to(tl.float32, bitcast=True), QMAX)
+            tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
+            k, s, inv = _division_setup(scale[:, None, None])
+        else:
+            amax = tl.max(tl.max(bits, 2), 0).to(tl.float32, bitcast=True)
+            scale = _scale_from_amax(amax, QMAX)
+            tl.store(scale_ptr + pid_r * stride_s + groups, scale, mask=groups < n_groups)
+            k, s, inv = _division_setup(scale[None, :, None])
+        codes = _encode(x, k, s, inv, FP8, SIGN_FROM_X, HW_FP8)
+        if EVEN:
+            tl.store(codes_ptr + c_offs, codes)
+        else:
+            tl.store(codes_ptr + c_offs, codes, mask=mask)
+    else:
+        amax_bits = tl.zeros([GROUPS], dtype=tl.int32)
+        for r0 in range(0, TILE_R, SUB_R):
+            rows = pid_r.to(tl.int64) * TILE_R + r0 + tl.arange(0, SUB_R)
+            offs = rows[:, None, None] * stride_x + cols
+            if EVEN:
+                x = tl.load(x_ptr + offs).to(tl.float32)
+            else:
+                mask = (rows[:, None, None] < n_rows) & (cols < n_cols)
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            amax_bits = tl.maximum(amax_bits, tl.max(tl.max(_abs_bits(x), 2), 0))
+        scale = _scale_from_amax(amax_bits.to(tl.float32, bitcast=True), QMAX)
+        tl.store(scale_ptr + pid_r * stride_s + groups, scale, mask=groups < n_groups)
+        k, s, inv = _division_setup(scale[None, :, None])
+        for r0 in range(0, TILE_R, SUB_R):
+            rows = pid_r.to(tl.int64) * TILE_R + r0 + tl.arange(0, SUB_R)
+            offs = rows[:, None, None] * stride_x + cols
+            c_offs = rows[:, None, None] * stride_c + cols
+            if EVEN:
+                x = tl.load(x_ptr + offs).to(tl.float32)
+                tl.store(codes_ptr + c_offs, _encode(x, k, s, inv, FP8, SIGN_FROM_X, HW_FP8))
+            else:
+                mask = (rows[:, None, None] < n_rows) & (cols < n_cols)
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                codes = _encode(x, k, s, inv, FP8, SIGN_FROM_X, HW_FP8)
+                tl.store(codes_ptr + c_offs, codes, mask=mask)
 
 
 def _is_fp8(fmt: object) -> bool:
@@ -226,7 +288,31 @@ def _code_dtype(fp8: bool) -> torch.dtype:
     return torch.float8_e4m3fn if fp8 else torch.int8
 
 
-def _row_block(cols: int) -> int:
+@dataclass(frozen=True)
+class WeightConfig:
+    """Launch shape of the weight quantizers; ``None`` fields take the defaults below.
+
+    ``num_warps``; ``groups``: blocks per program along a row (block scaling); ``sub_rows``:
+    rows per slice when a block is read twice in slices (block scaling; 0 = the whole block at
+    once); ``row_tile``: rows per program of a row held whole in registers (row scaling; 0 =
+    the two-sweep kernel); ``chunk``: elements per loop step (row sweeps) or per program
+    (per-tensor); ``hw_fp8``: the hardware FP8 conversion (None = on CUDA only);
+    ``sign_from_x``: where the grid path takes an FP8 code's sign (benchmark variant).
+    """
+
+    num_warps: int | None = None
+    groups: int = 1
+    sub_rows: int = 0
+    row_tile: int | None = None
+    chunk: int | None = None
+    hw_fp8: bool | None = None
+    sign_from_x: bool = True
+
+
+_MAX_ROW_IN_REGISTERS = 16384  # elements of a row one program holds (64 per thread at 8 warps)
+
+
+def _row_chunk(cols: int) -> int:
     """Chunk of a row per loop step: the largest power of two in [512, 4096] dividing ``cols``
     (no masked lanes), else 2048."""
     for block in (4096, 2048, 1024, 512):
@@ -236,62 +322,78 @@ def _row_block(cols: int) -> int:
 
 
 def quantize(
-    w: torch.Tensor,
-    fmt: object,
-    *,
-    num_warps: int | None = None,
-    block_c: int | None = None,
-    sign_from_x: bool = True,
+    w: torch.Tensor, fmt: object, *, config: WeightConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest ``[out, in]`` -> codes ``[out, in]``, scale F32 in ``fmt.scale_shape``.
 
     Same contract as ``formats.quantize`` except that a NaN/Inf input gives a non-finite scale
-    instead of raising (the dispatcher checks and raises). ``w``: bf16/fp16/fp32, 2-D. The
-    keyword-only parameters override launch shape and FP8 sign source (benchmarks only).
+    instead of raising (the dispatcher checks and raises). ``w``: bf16/fp16/fp32, 2-D.
+    ``config`` overrides the launch shape (benchmarks and tests).
     """
+    cfg = config or WeightConfig()
     fp8 = _is_fp8(fmt)
     qmax = _FP8_MAX if fp8 else _INT8_MAX
+    hw_fp8 = fp8 and (w.device.type == "cuda" if cfg.hw_fp8 is None else cfg.hw_fp8)
     rows, cols = w.shape
     if w.stride(1) != 1:
         w = w.contiguous()
     codes = torch.empty(rows, cols, dtype=_code_dtype(fp8), device=w.device)
+    common = {"FP8": fp8, "QMAX": qmax, "SIGN_FROM_X": cfg.sign_from_x, "HW_FP8": hw_fp8}
     scaling = _scaling(fmt)
     if scaling == "tensor":
-        return _quantize_tensor(w, codes, fp8, qmax, sign_from_x)
+        return _quantize_tensor(w, codes, cfg, common)
     if scaling == "row":
         scale = torch.empty(rows, 1, dtype=torch.float32, device=w.device)
-        _quantize_rows_kernel[(rows,)](
-            w, codes, scale, cols, w.stride(0), codes.stride(0),
-            BLOCK_C=block_c or _row_block(cols), FP8=fp8, QMAX=qmax, SIGN_FROM_X=sign_from_x,
-            num_warps=num_warps or (8 if cols >= 8192 else 4),
-        )  # fmt: skip
+        width = triton.next_power_of_2(max(cols, 16))
+        row_tile = cfg.row_tile
+        if row_tile is None:
+            row_tile = max(1, 4096 // width) if width <= _MAX_ROW_IN_REGISTERS else 0
+        if row_tile:
+            warps = cfg.num_warps or max(4, min(8, row_tile * width // 2048))
+            _quantize_tile_kernel[(triton.cdiv(rows, row_tile), 1)](
+                w, codes, scale, rows, cols, 1, w.stride(0), codes.stride(0), 0,
+                TILE_R=row_tile, GROUPS=1, TILE_C=width, SUB_R=row_tile, PER_ROW=True,
+                EVEN=rows % row_tile == 0 and cols == width, num_warps=warps, **common,
+            )  # fmt: skip
+        else:
+            _quantize_rows_kernel[(rows,)](
+                w, codes, scale, cols, w.stride(0), codes.stride(0),
+                BLOCK_C=cfg.chunk or _row_chunk(cols),
+                num_warps=cfg.num_warps or (8 if cols >= 8192 else 4), **common,
+            )  # fmt: skip
         return codes, scale
     b = int(fmt.block_size)  # type: ignore[attr-defined]
-    grid = (math.ceil(rows / b), math.ceil(cols / b))
-    scale = torch.empty(grid, dtype=torch.float32, device=w.device)
-    _quantize_groups_kernel[grid](
-        w, codes, scale, rows, cols, w.stride(0), codes.stride(0), scale.stride(0), 1,
-        TILE_R=b, TILE_C=b, FP8=fp8, QMAX=qmax, SIGN_FROM_X=sign_from_x,
-        num_warps=num_warps or max(1, min(16, b * b // (1024 if fp8 else 2048))),
+    n_groups = math.ceil(cols / b)
+    groups = max(1, min(cfg.groups, triton.next_power_of_2(n_groups)))
+    sub = cfg.sub_rows or b
+    grid = (math.ceil(rows / b), triton.cdiv(n_groups, groups))
+    scale = torch.empty(grid[0], n_groups, dtype=torch.float32, device=w.device)
+    per_program = (sub if sub < b else b) * groups * b
+    _quantize_tile_kernel[grid](
+        w, codes, scale, rows, cols, n_groups, w.stride(0), codes.stride(0), scale.stride(0),
+        TILE_R=b, GROUPS=groups, TILE_C=b, SUB_R=sub, PER_ROW=False,
+        EVEN=rows % b == 0 and cols % (groups * b) == 0,
+        num_warps=cfg.num_warps or max(1, min(16, per_program // 1024)),
+        **common,
     )  # fmt: skip
     return codes, scale
 
 
 def _quantize_tensor(
-    w: torch.Tensor, codes: torch.Tensor, fp8: bool, qmax: float, sign_from_x: bool
+    w: torch.Tensor, codes: torch.Tensor, cfg: WeightConfig, common: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not w.is_contiguous():
         w = w.contiguous()
     n = w.numel()
-    block = 8192
+    block = cfg.chunk or 8192
     n_prog = max(1, triton.cdiv(n, block))
     amax_bits = torch.zeros(1, dtype=torch.int32, device=w.device)
     scale = torch.empty((), dtype=torch.float32, device=w.device)
-    _absmax_atomic_kernel[(n_prog,)](w, amax_bits, n, BLOCK=block, num_warps=8)
+    warps = cfg.num_warps or 8
+    _absmax_atomic_kernel[(n_prog,)](w, amax_bits, n, BLOCK=block, num_warps=warps)
     _quantize_tensor_kernel[(n_prog,)](
-        w, codes, amax_bits, scale, n,
-        BLOCK=block, FP8=fp8, QMAX=qmax, SIGN_FROM_X=sign_from_x, num_warps=8,
-    )  # fmt: skip
+        w, codes, amax_bits, scale, n, BLOCK=block, num_warps=warps, **common
+    )
     return codes, scale
 
 

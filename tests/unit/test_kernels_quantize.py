@@ -96,6 +96,44 @@ def test_non_contiguous_input(kernel_device: torch.device) -> None:
     assert same_bits(codes, ref_codes) and same_bits(scale, ref_scale)
 
 
+WEIGHT_LAUNCHES = [  # (scaling, config fields, shape): every kernel path, full and ragged tiles
+    ("block", {"groups": 2}, (128, 256)),
+    ("block", {"groups": 2}, (100, 200)),
+    ("block", {"groups": 4}, (64, 192)),  # more groups per program than the row has
+    ("block", {"sub_rows": 16}, (128, 128)),
+    ("block", {"sub_rows": 16, "groups": 2}, (100, 200)),
+    ("row", {"row_tile": 0, "chunk": 64}, (40, 200)),  # two sweeps over chunks
+    ("row", {"row_tile": 0, "chunk": 64}, (32, 256)),
+    ("row", {"row_tile": 4}, (40, 200)),
+    ("row", {"row_tile": 2}, (32, 256)),
+    ("tensor", {"chunk": 512}, (40, 200)),
+]
+
+
+@pytest.mark.parametrize("kind", [Kind.INT8, Kind.FP8])
+@pytest.mark.parametrize(
+    ("scaling", "fields", "shape"), WEIGHT_LAUNCHES, ids=[str(i) for i in WEIGHT_LAUNCHES]
+)
+def test_weight_launch_shapes_match_reference(
+    kernel_device: torch.device, kind: Kind, scaling: str, fields: dict, shape: tuple
+) -> None:
+    """Every launch shape of the weight kernels gives the reference's bits, edge values
+    included (-0.0, ties, fp32 subnormals, a zero block, the largest float)."""
+    kq = dispatch._kernels("quantize")
+    fmt = Format(kind, Scaling(scaling), 64 if scaling == "block" else None)
+    w = weights(*shape, torch.float32, seed=shape[0] + len(fields))
+    w[0, :6] = torch.tensor([0.5, -0.0, 1e-40, -1e-42, 2.5, -1.5])
+    w[1, 64:128] *= 1e-37
+    w[2:9, :64] = 0.0
+    w[5, 70] = 3.0e38
+    cfg = kq.WeightConfig(num_warps=1, hw_fp8=False, **fields)
+    codes, scale = kq.quantize(w.to(kernel_device), fmt, config=cfg)
+    ref_codes, ref_scale = formats.quantize(w, fmt)
+    assert same_bits(codes, ref_codes) and same_bits(scale, ref_scale)
+    if kind is Kind.FP8:
+        assert codes[0, 1].view(torch.uint8).item() == 0x80  # -0.0 keeps its sign
+
+
 @pytest.mark.parametrize("kind", [Kind.INT8, Kind.FP8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_activation_quantization_matches_reference(
