@@ -3,6 +3,7 @@ pack that imports and works without Triton."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import subprocess
@@ -20,6 +21,11 @@ INT8_ROW = Format(Kind.INT8, Scaling.ROW)
 
 @pytest.fixture
 def no_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Triton (if installed) is imported first, under the interpreter setting the session chose:
+    # imported for the first time without it, it would stay compiled-mode for the later
+    # kernel tests of this process, which then skip.
+    if importlib.util.find_spec("triton") is not None:
+        importlib.import_module("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
