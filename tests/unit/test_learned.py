@@ -306,6 +306,32 @@ def test_guard_keeps_round_to_nearest_when_held_out_rows_disagree() -> None:
     assert good.extra["kept"] == "learned" and good.extra["guard_margin_db"] > 1.0
 
 
+@pytest.mark.parametrize(
+    ("precision", "device", "want"),
+    [
+        ("bf16", "cpu", "float32"),
+        ("tf32", "cpu", "float32"),
+        pytest.param("bf16", "cuda", "bf16", marks=pytest.mark.gpu),
+        pytest.param("tf32", "cuda", "tf32", marks=pytest.mark.gpu),
+        pytest.param("highest", "cuda", "float32", marks=pytest.mark.gpu),
+    ],
+)
+def test_search_precision_is_what_the_report_says(precision: str, device: str, want: str) -> None:
+    """The learned search runs its matmuls as asked (bf16 and TF32 on CUDA only) and the
+    layer report says which; the reported loss is float32 either way, so the guard holds."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    w = _weight(24, 96, 21).to(device)
+    x = _correlated(600, 96, 22)
+    opts = LearnedOptions(precision=precision, num_iter=40)
+    rtn = quantize_layer(w, INT8_ROW, rounding="nearest", stats=_stats(x, x).to(device))
+    res = quantize_layer(
+        w, INT8_ROW, rounding="learned", stats=_stats(x, x).to(device), options=opts
+    )
+    assert res.extra["search_matmul"] == want
+    assert res.output_sqnr_db >= rtn.output_sqnr_db
+
+
 def test_data_free_search_without_statistics_keeps_round_to_nearest() -> None:
     w = _weight(32, 48, 15)
     opts = LearnedOptions(objective="svd", min_k=4, num_iter=10)
