@@ -29,7 +29,6 @@ File layout (safetensors, F32 unless noted), for a weight key ``K`` and part ``P
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,7 +295,7 @@ class CalibrationFile:
                 "write one with CalibrationRecorder.save"
             )
         self._names = set(self._file.keys())
-        self._keys = sorted({n.split("/", 1)[0] for n in self._names})
+        self._keys = sorted({_layer_key(n) for n in self._names})
 
     def keys(self) -> list[str]:
         """Weight keys the file has statistics for."""
@@ -309,9 +308,8 @@ class CalibrationFile:
         """Statistics of weight ``key`` (CPU, float32), or None if the file has none."""
         if key not in self._keys:
             return None
-        prefix = key + "/"
-        tensors = {n: self._file.get_tensor(n) for n in self._names if n.startswith(prefix)}
-        return _parse(tensors)[key]
+        names = [n for n in self._names if _layer_key(n) == key]
+        return _parse({n: self._file.get_tensor(n) for n in names})[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -347,16 +345,9 @@ def match_keys(weights: list[str], calibration: list[str]) -> dict[str, str]:
     return out
 
 
-def load_calibration(path: str | Path) -> dict[str, LayerStats]:
-    """Every layer's statistics from a calibration file (for small models and tests)."""
-    from safetensors.torch import load_file
-
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    if header.get("__metadata__", {}).get("format") != FILE_FORMAT:
-        raise InputError(f"{path}: not a calibration file; write one with CalibrationRecorder")
-    return _parse(load_file(str(path)))
+def _layer_key(name: str) -> str:
+    """``K/part/field`` -> ``K`` (the weight key, which may itself hold a ``/``)."""
+    return name.rsplit("/", 2)[0]
 
 
 def _parse(tensors: dict[str, torch.Tensor]) -> dict[str, LayerStats]:
