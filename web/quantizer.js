@@ -137,19 +137,21 @@ class LiveView {
   }
 }
 
-function viewFor(nodeId) {
-  const node = app.graph?.getNodeById(Number(nodeId)) ?? app.graph?.getNodeById(nodeId);
+function viewOf(node) {
   if (!node || node.comfyClass !== NODE_TYPE) return null;
   node.cqView ??= new LiveView(node);
   return node.cqView;
+}
+
+function viewFor(nodeId) {
+  return viewOf(app.graph?.getNodeById(Number(nodeId)) ?? app.graph?.getNodeById(nodeId));
 }
 
 app.registerExtension({
   name: "comfyui_quantizer.LiveView",
 
   nodeCreated(node) {
-    if (node.comfyClass !== NODE_TYPE) return;
-    node.cqView ??= new LiveView(node);
+    viewOf(node);
   },
 
   setup() {
