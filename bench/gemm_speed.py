@@ -27,14 +27,13 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import triton
 from gpu_timing import (
     DEV,
+    Record,
     bench_graph,
     bench_stream,
     randn,
@@ -99,47 +98,13 @@ SCALED_MM_ROWS = (1, 2, 8, 16, 24, 48, 64, 100, 512)
 ACT_KS = (3072, 12288)  # activation widths timed (x [M, K])
 ODD_K = 1000  # not a multiple of the block
 
-RESULTS: dict[str, list[dict[str, object]]] = {
-    "checks": [],
-    "timings": [],
-    "errors": [],
-    "skipped": [],
-}
-T0 = time.perf_counter()
+REC = Record()
+RESULTS = REC.data
+log, check, timing, guarded = REC.log, REC.check, REC.timing, REC.guarded
 
 
 def _do_bench(fn: Callable[..., object], sets: Sequence[tuple]) -> float:
     return _bench(fn, sets, warmup=10, rep=50)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
-
-
-def guarded(name: str, fn: Callable[[], None], budget_s: float) -> None:
-    """Run one section unless the budget is spent; record a failure and go on."""
-    if time.perf_counter() - T0 > budget_s:
-        RESULTS["skipped"].append({"section": name})
-        log(f"-- SKIPPED {name} (budget)")
-        return
-    t0 = time.perf_counter()
-    try:
-        fn()
-    except Exception as exc:
-        RESULTS["errors"].append({"section": name, "error": repr(exc)[:2000]})
-        log(f"!! {name}: {exc!r}"[:2000])
-        traceback.print_exc(limit=6)
-    log(f"-- {name}: {time.perf_counter() - t0:.1f}s")
-
-
-def check(name: str, ok: bool, **info: object) -> None:
-    RESULTS["checks"].append({"name": name, "ok": bool(ok), **info})
-    log(f"{'ok  ' if ok else 'FAIL'} {name} {info if info else ''}")
-
-
-def timing(name: str, ms: float, **info: object) -> None:
-    RESULTS["timings"].append({"name": name, "ms": ms, **info})
-    log(f"time {name}: {ms * 1e3:.1f} us {info}")
 
 
 def sync() -> None:
@@ -567,26 +532,16 @@ def run_flux(budget_left: float) -> None:
 
 
 def env() -> None:
-    props = torch.cuda.get_device_properties(DEV)
-    RESULTS["env"] = [
-        {
-            "card": torch.cuda.get_device_name(DEV),
-            "sms": props.multi_processor_count,
-            "capability": list(torch.cuda.get_device_capability(DEV)),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": triton.__version__,
-            "scaled_mm_blockwise": dispatch._scaled_mm_problem(DEV) or "supported",
-            "scaled_mm_bias_epilogue": dispatch.scaled_mm_bias_epilogue(DEV),
-        }
-    ]
-    log(json.dumps(RESULTS["env"][0]))
+    REC.env(
+        scaled_mm_blockwise=dispatch._scaled_mm_problem(DEV) or "supported",
+        scaled_mm_bias_epilogue=dispatch.scaled_mm_bias_epilogue(DEV),
+    )
 
 
 def summary() -> None:
-    card = RESULTS["env"][0]["card"] if RESULTS.get("env") else "?"
+    card = REC.card()
     fails = [c for c in RESULTS["checks"] if not c["ok"]]
-    print(f"\n=== gemm_speed on {card} ({time.perf_counter() - T0:.0f}s) ===")
+    print(f"\n=== gemm_speed on {card} ({time.perf_counter() - REC.t0:.0f}s) ===")
     print(f"checks: {len(RESULTS['checks']) - len(fails)}/{len(RESULTS['checks'])} ok")
     for c in fails:
         print(f"  FAIL {c}")
@@ -647,10 +602,11 @@ def main() -> int:
     out = Path(os.environ.get("OUT", "/tmp")) / "gemm_speed.json"
     out.write_text(json.dumps(RESULTS, indent=1))
     if not args.no_flux:
-        guarded("runtime_flux", lambda: run_flux(budget + 50 - (time.perf_counter() - T0)), budget)
+        left = budget + 50 - (time.perf_counter() - REC.t0)
+        guarded("runtime_flux", lambda: run_flux(left), budget)
     out.write_text(json.dumps(RESULTS, indent=1))
     summary()
-    return 0 if not RESULTS["errors"] and all(c["ok"] for c in RESULTS["checks"]) else 1
+    return 0 if REC.ok() else 1
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import json
+import math
 import multiprocessing
+import time
+import traceback
 from collections.abc import Callable, Sequence
 
 import torch
+import triton
 import triton.testing
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,3 +106,65 @@ def wait_precompile(futures: Sequence[concurrent.futures.Future]) -> None:
             print(f"precompiled {fut.result(timeout=240)}", flush=True)
         except Exception as exc:
             print(f"!! precompile: {exc!r}"[:300], flush=True)
+
+
+class Record:
+    """What one benchmark run found: ``data`` holds checks, timings, errors and skipped
+    sections (written as JSON); every entry is printed as it comes, with the run's clock."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, list[dict[str, object]]] = {
+            "checks": [],
+            "timings": [],
+            "errors": [],
+            "skipped": [],
+        }
+        self.t0 = time.perf_counter()
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
+
+    def guarded(self, name: str, fn: Callable[[], None], budget_s: float = math.inf) -> None:
+        """Run one section unless the run's budget is spent; record a failure and go on
+        (one broken item must not waste the device call)."""
+        if time.perf_counter() - self.t0 > budget_s:
+            self.data["skipped"].append({"section": name})
+            self.log(f"-- SKIPPED {name} (budget)")
+            return
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as exc:
+            self.data["errors"].append({"section": name, "error": repr(exc)[:2000]})
+            self.log(f"!! {name}: {exc!r}"[:2000])
+            traceback.print_exc(limit=6)
+        self.log(f"-- {name}: {time.perf_counter() - t0:.1f}s")
+
+    def check(self, name: str, ok: bool, **info: object) -> None:
+        self.data["checks"].append({"name": name, "ok": bool(ok), **info})
+        self.log(f"{'ok  ' if ok else 'FAIL'} {name} {info if info else ''}")
+
+    def timing(self, name: str, ms: float, **info: object) -> None:
+        self.data["timings"].append({"name": name, "ms": ms, **info})
+        self.log(f"time {name}: {ms * 1e3:.1f} us {info}")
+
+    def env(self, **more: object) -> None:
+        """The card and software versions, first in the JSON and in the log."""
+        props = torch.cuda.get_device_properties(DEV)
+        info = {
+            "card": torch.cuda.get_device_name(DEV),
+            "sms": props.multi_processor_count,
+            "capability": list(torch.cuda.get_device_capability(DEV)),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton.__version__,
+            **more,
+        }
+        self.data["env"] = [info]
+        self.log(json.dumps(info))
+
+    def card(self) -> str:
+        return str(self.data["env"][0]["card"]) if self.data.get("env") else "?"
+
+    def ok(self) -> bool:
+        return not self.data["errors"] and all(c["ok"] for c in self.data["checks"])

@@ -21,14 +21,12 @@ import math
 import os
 import sys
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import triton
 from gpu_timing import (
     DEV,
+    Record,
     bench,
     bench_graph,
     bench_stream,
@@ -96,33 +94,9 @@ ACT_LAUNCH = {  # name -> kernels.quantize.ActConfig (None: the default launch s
     "r8g4w4": kquant.ActConfig(8, 4, 4),
 }
 
-RESULTS: dict[str, list[dict[str, object]]] = {"checks": [], "timings": [], "errors": []}
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def guarded(name: str, fn: Callable[[], None]) -> None:
-    """Run one section; record a failure and go on (one broken item must not waste the call)."""
-    t0 = time.perf_counter()
-    try:
-        fn()
-    except Exception as exc:
-        RESULTS["errors"].append({"section": name, "error": repr(exc)[:2000]})
-        log(f"!! {name}: {exc!r}"[:2000])
-        traceback.print_exc(limit=4)
-    log(f"-- {name}: {time.perf_counter() - t0:.1f}s")
-
-
-def check(name: str, ok: bool, **info: object) -> None:
-    RESULTS["checks"].append({"name": name, "ok": ok, **info})
-    log(f"{'ok  ' if ok else 'FAIL'} {name} {info if info else ''}")
-
-
-def timing(name: str, ms: float, **info: object) -> None:
-    RESULTS["timings"].append({"name": name, "ms": ms, **info})
-    log(f"time {name}: {ms * 1e3:.1f} us {info}")
+REC = Record()
+RESULTS = REC.data
+log, check, timing, guarded = REC.log, REC.check, REC.timing, REC.guarded
 
 
 def _quantize_configs(fmt: Format) -> dict[str, kquant.WeightConfig]:
@@ -489,23 +463,11 @@ def time_gemm(quick: bool) -> None:
 
 
 def env() -> None:
-    props = torch.cuda.get_device_properties(DEV)
-    RESULTS["env"] = [
-        {
-            "card": torch.cuda.get_device_name(DEV),
-            "sms": props.multi_processor_count,
-            "capability": list(torch.cuda.get_device_capability(DEV)),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "triton": triton.__version__,
-            "scaled_mm_blockwise": dispatch._scaled_mm_problem(DEV) or "supported",
-        }
-    ]
-    log(json.dumps(RESULTS["env"][0]))
+    REC.env(scaled_mm_blockwise=dispatch._scaled_mm_problem(DEV) or "supported")
 
 
 def summary() -> None:
-    card = RESULTS["env"][0]["card"] if RESULTS.get("env") else "?"
+    card = REC.card()
     fails = [c["name"] for c in RESULTS["checks"] if not c["ok"]]
     log("")
     log(f"=== kernels on {card} ===")
@@ -535,7 +497,7 @@ def cpu_smoke() -> int:
     guarded("check activations", check_activations)
     guarded("check gemm", check_gemm)
     summary()
-    return 0 if not RESULTS["errors"] and all(c["ok"] for c in RESULTS["checks"]) else 1
+    return 0 if REC.ok() else 1
 
 
 def main() -> int:
@@ -571,7 +533,7 @@ def finish() -> int:
     out = Path(os.environ.get("OUT", "/tmp")) / "kernels.json"
     out.write_text(json.dumps(RESULTS, indent=1))
     summary()
-    return 0 if not RESULTS["errors"] and all(c["ok"] for c in RESULTS["checks"]) else 1
+    return 0 if REC.ok() else 1
 
 
 if __name__ == "__main__":
