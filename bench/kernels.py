@@ -80,7 +80,6 @@ QUANT_LAUNCH: dict[str, dict[str, kquant.WeightConfig]] = {  # scaling -> {name:
         "default": WC(),
         "g1w8": WC(num_warps=8),
         "g2w16": WC(groups=2, num_warps=16),
-        "g1s32w8": WC(sub_rows=32, num_warps=8),
     },
     "tensor": {
         "default": WC(),

@@ -100,8 +100,6 @@ WEIGHT_LAUNCHES = [  # (scaling, config fields, shape): every kernel path, full 
     ("block", {"groups": 2}, (128, 256)),
     ("block", {"groups": 2}, (100, 200)),
     ("block", {"groups": 4}, (64, 192)),  # more groups per program than the row has
-    ("block", {"sub_rows": 16}, (128, 128)),
-    ("block", {"sub_rows": 16, "groups": 2}, (100, 200)),
     ("row", {"row_tile": 0, "chunk": 64}, (40, 200)),  # two sweeps over chunks
     ("row", {"row_tile": 0, "chunk": 64}, (32, 256)),
     ("row", {"row_tile": 4}, (40, 200)),
