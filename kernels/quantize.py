@@ -26,8 +26,8 @@ caller sees a non-finite scale and raises like the reference.
 Cost: 3 bytes per element at ~3.8 TB/s leaves ~30 instructions per element on an H200, and the
 exact quotient takes 6 of the ~20 these kernels issue per element. Measured on an H200
 (bench/KERNELS_NOTES.md, run 6): 72-78 % of a device-to-device copy for row and block scales,
-FP8 as fast as INT8; per-tensor 53-56 % counting one read of the input, 89-93 % counting the
-two it makes; dequantize 89-90 %. The activation quantizer, whose spec multiplies by the
+FP8 as fast as INT8; per-tensor 54-56 % counting one read of the input, 89-93 % counting the
+two it makes; dequantize 88-91 %. The activation quantizer, whose spec multiplies by the
 reciprocal instead, reaches 85-94 %.
 
 Nothing is compiled at import; each kernel compiles on first launch for its constexprs.
@@ -78,7 +78,7 @@ def _division_setup(scale):
 
 
 @triton.jit
-def _encode(x, k, s, inv, FP8: tl.constexpr, SIGN_FROM_X: tl.constexpr, HW_FP8: tl.constexpr):
+def _encode(x, k, s, inv, FP8: tl.constexpr, HW_FP8: tl.constexpr):
     """float32 ``x / scale`` rounded onto the code grid, as codes (int8 or e4m3).
 
     ``x / scale`` is the IEEE quotient without a division per element: with ``xs = x * k``
@@ -90,13 +90,11 @@ def _encode(x, k, s, inv, FP8: tl.constexpr, SIGN_FROM_X: tl.constexpr, HW_FP8: 
     q = xs * inv
     q = tl.fma(tl.fma(-q, s, xs), inv, q)
     q = tl.fma(tl.fma(-q, s, xs), inv, q)
+    # The corrections turn a -0.0 input into q = +0.0: the sign is taken from x.
     if FP8 and HW_FP8:
-        # The corrections turn a -0.0 input into q = +0.0; the quotient has the sign of x.
         q_bits = q.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & -2147483648)
-        return _to_code(q_bits.to(tl.float32, bitcast=True), q, FP8, True)
-    # The sign of x: the corrections turn a -0.0 input into q = +0.0.
-    sign_src = x if SIGN_FROM_X else q
-    return _to_code(q, sign_src, FP8, False)
+        return _to_code(q_bits.to(tl.float32, bitcast=True), x, FP8, True)
+    return _to_code(q, x, FP8, False)
 
 
 @triton.jit
@@ -105,8 +103,9 @@ def _to_code(q, sign_src, FP8: tl.constexpr, HW_FP8: tl.constexpr):
     with the sign of ``sign_src`` (which has the sign the exact quotient has).
 
     ``HW_FP8`` (GPU only): the hardware's float32 -> e4m3 conversion (``cvt.rn.satfinite``,
-    round-half-even, saturating) instead of rounding on the grid with integer arithmetic; the
-    interpreter's cast does not round to nearest-even, so the CPU tests use the grid path.
+    round-half-even, saturating; it keeps ``q``'s own sign) instead of rounding on the grid with
+    integer arithmetic; the interpreter's cast does not round to nearest-even, so the CPU tests
+    use the grid path.
     """
     if FP8 and HW_FP8:
         return q.to(tl.float8e4nv)
@@ -142,7 +141,7 @@ def _absmax_atomic_kernel(x_ptr, amax_bits_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def _quantize_tensor_kernel(
     x_ptr, codes_ptr, amax_bits_ptr, scale_ptr, n, BLOCK: tl.constexpr, FP8: tl.constexpr,
-    QMAX: tl.constexpr, SIGN_FROM_X: tl.constexpr, HW_FP8: tl.constexpr,
+    QMAX: tl.constexpr, HW_FP8: tl.constexpr,
 ):  # fmt: skip
     """Pass 2: every program derives the same scale from the amax; the first one stores it.
     Programs run back to front, so the first reads hit what pass 1 left in L2."""
@@ -153,7 +152,7 @@ def _quantize_tensor_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(codes_ptr + offs, _encode(x, k, s, inv, FP8, SIGN_FROM_X, HW_FP8), mask=mask)
+    tl.store(codes_ptr + offs, _encode(x, k, s, inv, FP8, HW_FP8), mask=mask)
 
 
 @triton.jit
@@ -167,7 +166,6 @@ def _quantize_rows_kernel(
     BLOCK_C: tl.constexpr,
     FP8: tl.constexpr,
     QMAX: tl.constexpr,
-    SIGN_FROM_X: tl.constexpr,
     HW_FP8: tl.constexpr,
 ):
     """Rows too long for registers: one row per program, an absmax sweep, the scale, then a
@@ -186,7 +184,7 @@ def _quantize_rows_kernel(
     for start in range(0, n_cols, BLOCK_C):
         mask = start + cols < n_cols
         x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-        codes = _encode(x, k, s, inv, FP8, SIGN_FROM_X, HW_FP8)
+        codes = _encode(x, k, s, inv, FP8, HW_FP8)
         tl.store(c_row + start + cols, codes, mask=mask)
 
 
@@ -208,7 +206,6 @@ def _quantize_tile_kernel(
     EVEN: tl.constexpr,
     FP8: tl.constexpr,
     QMAX: tl.constexpr,
-    SIGN_FROM_X: tl.constexpr,
     HW_FP8: tl.constexpr,
 ):
     """One program: ``TILE_R`` rows x ``GROUPS`` consecutive column groups of ``TILE_C``,
@@ -239,7 +236,7 @@ def _quantize_tile_kernel(
         scale = _scale_from_amax(amax, QMAX)
         tl.store(scale_ptr + tl.program_id(0) * stride_s + groups, scale, mask=groups < n_groups)
         k, s, inv = _division_setup(scale[None, :, None])
-    codes = _encode(x, k, s, inv, FP8, SIGN_FROM_X, HW_FP8)
+    codes = _encode(x, k, s, inv, FP8, HW_FP8)
     if EVEN:
         tl.store(codes_ptr + c_offs, codes)
     else:
@@ -264,9 +261,8 @@ class WeightConfig:
 
     ``num_warps``; ``groups``: blocks per program along a row (block scaling); ``row_tile``:
     rows per program, each held whole in registers (row scaling; 0 = the two-sweep kernel);
-    ``chunk``: elements per loop step (row sweeps) or per program
-    (per-tensor); ``hw_fp8``: the hardware FP8 conversion (None = on CUDA only);
-    ``sign_from_x``: where the grid path takes an FP8 code's sign (benchmark variant).
+    ``chunk``: elements per loop step (row sweeps) or per program (per-tensor); ``hw_fp8``:
+    the hardware FP8 conversion (None = on CUDA only).
     """
 
     num_warps: int | None = None
@@ -274,7 +270,6 @@ class WeightConfig:
     row_tile: int | None = None
     chunk: int | None = None
     hw_fp8: bool | None = None
-    sign_from_x: bool = True
 
 
 _MAX_ROW_IN_REGISTERS = 16384  # elements of a row one program holds (64 per thread at 8 warps)
@@ -306,7 +301,7 @@ def quantize(
     if w.stride(1) != 1:
         w = w.contiguous()
     codes = torch.empty(rows, cols, dtype=_code_dtype(fp8), device=w.device)
-    common = {"FP8": fp8, "QMAX": qmax, "SIGN_FROM_X": cfg.sign_from_x, "HW_FP8": hw_fp8}
+    common = {"FP8": fp8, "QMAX": qmax, "HW_FP8": hw_fp8}
     scaling = _scaling(fmt)
     if scaling == "tensor":
         return _quantize_tensor(w, codes, cfg, common)

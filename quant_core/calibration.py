@@ -294,8 +294,10 @@ class CalibrationFile:
                 f"{self.path}: not a calibration file (header format {meta.get('format')!r}); "
                 "write one with CalibrationRecorder.save"
             )
-        self._names = set(self._file.keys())
-        self._keys = sorted({_layer_key(n) for n in self._names})
+        self._names: dict[str, list[str]] = {}  # weight key -> its tensors' names
+        for name in self._file.keys():  # noqa: SIM118 (safe_open is no mapping)
+            self._names.setdefault(_layer_key(name), []).append(name)
+        self._keys = sorted(self._names)
 
     def keys(self) -> list[str]:
         """Weight keys the file has statistics for."""
@@ -306,9 +308,9 @@ class CalibrationFile:
 
     def get(self, key: str) -> LayerStats | None:
         """Statistics of weight ``key`` (CPU, float32), or None if the file has none."""
-        if key not in self._keys:
+        names = self._names.get(key)
+        if names is None:
             return None
-        names = [n for n in self._names if _layer_key(n) == key]
         return _parse({n: self._file.get_tensor(n) for n in names})[key]
 
     def __iter__(self) -> Iterator[str]:

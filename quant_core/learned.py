@@ -114,6 +114,14 @@ class LearnedOptions:
             raise ConfigError("learned.damp must be in [0, 1]; lr_threshold, weight_decay >= 0")
 
 
+def search_matmul(precision: str, device: torch.device) -> str:
+    """What the search's matmuls run as on ``device``: ``bf16`` (the gradient on bfloat16
+    copies), ``tf32`` or ``float32``; bf16 and TF32 are CUDA-only (``matmul_precision``)."""
+    if device.type != "cuda" or precision == "highest":
+        return "float32"
+    return "bf16" if precision == "bf16" else "tf32"
+
+
 @contextmanager
 def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
     """Let float32 matmuls on a CUDA ``device`` use TF32 tensor cores (``tf32``, ``bf16``).

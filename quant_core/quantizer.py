@@ -38,6 +38,7 @@ from .learned import (
     OutputObjective,
     learn_codes,
     matmul_precision,
+    search_matmul,
     svd_objective,
 )
 
@@ -137,11 +138,6 @@ class _Candidate:
     codes: torch.Tensor
 
 
-def _float32_matmul(precision: str, device: torch.device) -> str:
-    """What float32 matmuls of the search run as (``matmul_precision``)."""
-    return "tf32" if device.type == "cuda" and precision != "highest" else "float32"
-
-
 def _learned(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -164,10 +160,9 @@ def _learned(
         fit = stats.fit
         h = (fit.covariance if correct else fit.second_moment)[None].float()
         # the search sees the damped matrix too: a small ridge toward weight error
-        # "bf16": the search's gradient matmul on bfloat16 copies (CUDA only, like TF32).
-        low = options.precision == "bf16" and w.device.type == "cuda"
-        objective = OutputObjective(error_feedback.damped(h, options.damp), bf16=low)
-        extra["search_matmul"] = "bf16" if low else _float32_matmul(options.precision, w.device)
+        extra["search_matmul"] = search_matmul(options.precision, w.device)
+        bf16 = extra["search_matmul"] == "bf16"
+        objective = OutputObjective(error_feedback.damped(h, options.damp), bf16=bf16)
         start = None
         if options.error_feedback:
             choice = dispatch.choose_error_feedback(w.device, backend)
